@@ -1,0 +1,177 @@
+//! Newtypes for the order's values, built only through `parse`.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// Why a value given at the boundary was refused; the message is for the caller.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct ValueError {
+    pub field: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct OrderId(Uuid);
+
+impl OrderId {
+    /// A new time-ordered id (UUID v7).
+    pub fn generate() -> Self {
+        Self(Uuid::now_v7())
+    }
+
+    pub fn from_uuid(id: Uuid) -> Self {
+        Self(id)
+    }
+
+    pub fn as_uuid(&self) -> Uuid {
+        self.0
+    }
+}
+
+impl std::fmt::Display for OrderId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// The payment a refund goes back to: 1–64 characters of `[A-Za-z0-9_-]`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct PaymentId(String);
+
+impl PaymentId {
+    pub fn parse(raw: &str) -> Result<Self, ValueError> {
+        let valid_char = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+        if raw.is_empty() || raw.len() > 64 || !raw.chars().all(valid_char) {
+            return Err(ValueError {
+                field: "payment_id",
+                reason: "must be 1-64 characters of letters, digits, '-' or '_'",
+            });
+        }
+        Ok(Self(raw.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for PaymentId {
+    type Error = ValueError;
+    fn try_from(raw: String) -> Result<Self, Self::Error> {
+        Self::parse(&raw)
+    }
+}
+
+impl From<PaymentId> for String {
+    fn from(id: PaymentId) -> Self {
+        id.0
+    }
+}
+
+/// A positive amount in minor units (cents); floats never hold money.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "i64", into = "i64")]
+pub struct AmountCents(i64);
+
+impl AmountCents {
+    pub fn parse(cents: i64) -> Result<Self, ValueError> {
+        if cents <= 0 {
+            return Err(ValueError {
+                field: "amount_cents",
+                reason: "must be a positive number of cents",
+            });
+        }
+        Ok(Self(cents))
+    }
+
+    pub fn cents(&self) -> i64 {
+        self.0
+    }
+}
+
+impl TryFrom<i64> for AmountCents {
+    type Error = ValueError;
+    fn try_from(cents: i64) -> Result<Self, Self::Error> {
+        Self::parse(cents)
+    }
+}
+
+impl From<AmountCents> for i64 {
+    fn from(amount: AmountCents) -> Self {
+        amount.0
+    }
+}
+
+/// A customer's e-mail address; checked for shape only (one `@`, both sides non-empty).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct CustomerEmail(String);
+
+impl CustomerEmail {
+    pub fn parse(raw: &str) -> Result<Self, ValueError> {
+        let error = ValueError {
+            field: "customer_email",
+            reason: "must look like name@domain (at most 254 characters)",
+        };
+        let Some((local, domain)) = raw.split_once('@') else {
+            return Err(error);
+        };
+        if local.is_empty()
+            || domain.is_empty()
+            || domain.contains('@')
+            || raw.len() > 254
+            || raw.chars().any(char::is_whitespace)
+        {
+            return Err(error);
+        }
+        Ok(Self(raw.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for CustomerEmail {
+    type Error = ValueError;
+    fn try_from(raw: String) -> Result<Self, Self::Error> {
+        Self::parse(&raw)
+    }
+}
+
+impl From<CustomerEmail> for String {
+    fn from(email: CustomerEmail) -> Self {
+        email.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payment_ids_with_odd_characters_are_refused() {
+        assert!(PaymentId::parse("pay-123_A").is_ok());
+        assert!(PaymentId::parse("").is_err());
+        assert!(PaymentId::parse("pay 1").is_err());
+        assert!(PaymentId::parse(&"x".repeat(65)).is_err());
+    }
+
+    #[test]
+    fn amounts_must_be_positive() {
+        assert!(AmountCents::parse(1).is_ok());
+        assert!(AmountCents::parse(0).is_err());
+        assert!(AmountCents::parse(-5).is_err());
+    }
+
+    #[test]
+    fn emails_need_one_at_sign_between_two_parts() {
+        assert!(CustomerEmail::parse("a@b.example").is_ok());
+        assert!(CustomerEmail::parse("a.example").is_err());
+        assert!(CustomerEmail::parse("@b").is_err());
+        assert!(CustomerEmail::parse("a@b@c").is_err());
+    }
+}

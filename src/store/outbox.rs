@@ -1,0 +1,149 @@
+//! The `outbox` table: inserting events inside the business transaction, and
+//! the relay's claim / mark-published / record-failure statements.
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use uuid::Uuid;
+
+use super::{StoreError, schema::outbox};
+use crate::domain::EventRecord;
+
+/// A stored event as the relay publishes it.
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = outbox)]
+#[diesel(check_for_backend(diesel::pg::Pg))]
+pub struct OutboxRow {
+    pub id: i64,
+    pub event_id: Uuid,
+    pub event_type: String,
+    pub event_version: i32,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub aggregate_version: i64,
+    pub content_type: String,
+    pub payload: serde_json::Value,
+    pub correlation_id: Option<String>,
+    pub occurred_at: DateTime<Utc>,
+    pub published_at: Option<DateTime<Utc>>,
+    pub attempts: i32,
+    pub last_error: Option<String>,
+    pub next_attempt_at: DateTime<Utc>,
+}
+
+/// Inserts an event; call it inside the transaction that makes the change.
+pub async fn insert(
+    conn: &mut AsyncPgConnection,
+    record: &EventRecord,
+    correlation_id: Option<&str>,
+) -> QueryResult<i64> {
+    diesel::insert_into(outbox::table)
+        .values((
+            outbox::event_id.eq(record.event_id.as_uuid()),
+            outbox::event_type.eq(record.event_type),
+            outbox::event_version.eq(record.event_version),
+            outbox::aggregate_type.eq(record.aggregate_type),
+            outbox::aggregate_id.eq(&record.aggregate_id),
+            outbox::aggregate_version.eq(record.aggregate_version),
+            outbox::payload.eq(&record.payload),
+            outbox::correlation_id.eq(correlation_id),
+            outbox::occurred_at.eq(record.occurred_at),
+        ))
+        .returning(outbox::id)
+        .get_result(conn)
+        .await
+}
+
+/// The oldest pending rows that are due, in id (commit) order.
+pub async fn due(conn: &mut AsyncPgConnection, limit: i64) -> Result<Vec<OutboxRow>, StoreError> {
+    outbox::table
+        .filter(outbox::published_at.is_null())
+        .filter(outbox::next_attempt_at.le(diesel::dsl::now))
+        .order(outbox::id)
+        .limit(limit)
+        .select(OutboxRow::as_select())
+        .load(conn)
+        .await
+        .map_err(StoreError::classify)
+}
+
+/// Marks rows published; only rows still pending are touched, so a row is
+/// stamped once even if two relays raced on it.
+pub async fn mark_published(
+    conn: &mut AsyncPgConnection,
+    ids: &[i64],
+) -> Result<usize, StoreError> {
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    diesel::update(
+        outbox::table
+            .filter(outbox::id.eq_any(ids))
+            .filter(outbox::published_at.is_null()),
+    )
+    .set((
+        outbox::published_at.eq(diesel::dsl::now),
+        outbox::attempts.eq(outbox::attempts + 1),
+        outbox::last_error.eq(None::<String>),
+    ))
+    .execute(conn)
+    .await
+    .map_err(StoreError::classify)
+}
+
+/// Records a failed publish: the row stays pending, with the error and when to try again.
+pub async fn record_failure(
+    conn: &mut AsyncPgConnection,
+    id: i64,
+    error: &str,
+    next_attempt_at: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    diesel::update(
+        outbox::table
+            .find(id)
+            .filter(outbox::published_at.is_null()),
+    )
+    .set((
+        outbox::attempts.eq(outbox::attempts + 1),
+        outbox::last_error.eq(truncate(error, 1024)),
+        outbox::next_attempt_at.eq(next_attempt_at),
+    ))
+    .execute(conn)
+    .await
+    .map_err(StoreError::classify)?;
+    Ok(())
+}
+
+pub async fn find_by_event_id(
+    conn: &mut AsyncPgConnection,
+    event_id: Uuid,
+) -> Result<Option<OutboxRow>, StoreError> {
+    outbox::table
+        .filter(outbox::event_id.eq(event_id))
+        .select(OutboxRow::as_select())
+        .first(conn)
+        .await
+        .optional()
+        .map_err(StoreError::classify)
+}
+
+/// How many rows are still waiting for the broker.
+pub async fn pending_count(conn: &mut AsyncPgConnection) -> Result<i64, StoreError> {
+    outbox::table
+        .filter(outbox::published_at.is_null())
+        .count()
+        .get_result(conn)
+        .await
+        .map_err(StoreError::classify)
+}
+
+pub(crate) fn truncate(text: &str, max_bytes: usize) -> String {
+    if text.len() <= max_bytes {
+        return text.to_owned();
+    }
+    let mut end = max_bytes;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
+}

@@ -1,0 +1,72 @@
+//! The `refunds` table: the refund context's record, one row per canceled order.
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use uuid::Uuid;
+
+use super::{StoreError, inbox, schema::refunds};
+
+#[derive(Debug, Clone, Queryable, Selectable, Insertable)]
+#[diesel(table_name = refunds)]
+#[diesel(check_for_backend(diesel::pg::Pg))]
+pub struct RefundRow {
+    pub id: Uuid,
+    pub order_id: Uuid,
+    pub event_id: Uuid,
+    pub payment_id: String,
+    pub amount_cents: i64,
+    pub gateway_refund_id: String,
+    pub status: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// What recording a refund did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    New,
+    /// Another delivery of the same message committed first; nothing was written.
+    AlreadyProcessed,
+}
+
+/// Writes the refund and the inbox row in one transaction (P4). The refund is
+/// unique per order, so even a different event for the same order cannot
+/// produce a second row.
+pub async fn record_with_inbox(
+    conn: &mut AsyncPgConnection,
+    consumer: &str,
+    refund: &RefundRow,
+) -> Result<Recorded, StoreError> {
+    conn.transaction(async |conn| {
+        if !inbox::record(conn, consumer, refund.event_id).await? {
+            return Ok(Recorded::AlreadyProcessed);
+        }
+        diesel::insert_into(refunds::table)
+            .values(refund)
+            .on_conflict(refunds::order_id)
+            .do_nothing()
+            .execute(conn)
+            .await?;
+        Ok(Recorded::New)
+    })
+    .await
+    .map_err(StoreError::classify)
+}
+
+pub async fn all(conn: &mut AsyncPgConnection) -> Result<Vec<RefundRow>, StoreError> {
+    refunds::table
+        .order(refunds::created_at)
+        .select(RefundRow::as_select())
+        .load(conn)
+        .await
+        .map_err(StoreError::classify)
+}
+
+pub async fn count(conn: &mut AsyncPgConnection) -> Result<i64, StoreError> {
+    refunds::table
+        .count()
+        .get_result(conn)
+        .await
+        .map_err(StoreError::classify)
+}

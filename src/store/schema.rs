@@ -1,0 +1,60 @@
+// Written to match migrations/; keep the two in step.
+
+diesel::table! {
+    orders (id) {
+        id -> Uuid,
+        payment_id -> Text,
+        amount_cents -> Int8,
+        customer_email -> Text,
+        shipping_address -> Nullable<Text>,
+        state -> Text,
+        version -> Int8,
+        refund_status -> Nullable<Text>,
+        created_at -> Timestamptz,
+        updated_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    outbox (id) {
+        id -> Int8,
+        event_id -> Uuid,
+        event_type -> Text,
+        event_version -> Int4,
+        aggregate_type -> Text,
+        aggregate_id -> Text,
+        aggregate_version -> Int8,
+        content_type -> Text,
+        payload -> Jsonb,
+        correlation_id -> Nullable<Text>,
+        occurred_at -> Timestamptz,
+        published_at -> Nullable<Timestamptz>,
+        attempts -> Int4,
+        last_error -> Nullable<Text>,
+        next_attempt_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    processed_messages (consumer, message_id) {
+        consumer -> Text,
+        message_id -> Uuid,
+        processed_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    refunds (id) {
+        id -> Uuid,
+        order_id -> Uuid,
+        event_id -> Uuid,
+        payment_id -> Text,
+        amount_cents -> Int8,
+        gateway_refund_id -> Text,
+        status -> Text,
+        created_at -> Timestamptz,
+        updated_at -> Timestamptz,
+    }
+}
+
+diesel::allow_tables_to_appear_in_same_query!(orders, outbox, processed_messages, refunds);
