@@ -1,0 +1,30 @@
+//! Broker connections: one place that opens them, names them (the management
+//! UI shows which binary holds which connection) and hands them out through a
+//! deadpool pool, which drops a connection once it is no longer connected.
+
+use deadpool_lapin::{Config, Runtime};
+use lapin::{ConnectionProperties, types::LongString};
+
+use crate::config::AmqpSettings;
+
+pub type BrokerPool = deadpool_lapin::Pool;
+
+/// Builds a lazily connecting pool; `name` shows up as the connection name.
+pub fn broker_pool(settings: &AmqpSettings, name: &str) -> anyhow::Result<BrokerPool> {
+    let name: LongString = name.to_owned().into();
+    let config = Config {
+        url: Some(settings.uri()),
+        pool: Some(deadpool_lapin::PoolConfig::new(4)),
+    };
+    config
+        .create_pool(
+            move || ConnectionProperties::default().with_connection_name(name.clone()),
+            Runtime::Tokio1,
+        )
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot build the broker pool for {}: {e}",
+                settings.display_addr()
+            )
+        })
+}

@@ -1,0 +1,291 @@
+//! Our message contract (DESIGN.md §4) on AMQP properties and headers: how an
+//! outbox row becomes a message, what a delivery tells us, and how a retry or
+//! dead-letter copy is stamped.
+
+use chrono::{DateTime, Utc};
+use lapin::{
+    BasicProperties,
+    types::{AMQPValue, FieldTable, LongString, ShortString},
+};
+
+use crate::store::outbox::OutboxRow;
+
+/// Header names of the contract.
+pub mod headers {
+    pub const EVENT_VERSION: &str = "x-event-version";
+    pub const AGGREGATE_TYPE: &str = "x-aggregate-type";
+    pub const AGGREGATE_ID: &str = "x-aggregate-id";
+    pub const AGGREGATE_VERSION: &str = "x-aggregate-version";
+    pub const OCCURRED_AT: &str = "x-occurred-at";
+    pub const ATTEMPT: &str = "x-attempt";
+    pub const FIRST_FAILED_AT: &str = "x-first-failed-at";
+    pub const LAST_ERROR: &str = "x-last-error";
+    pub const ERROR_KIND: &str = "x-error-kind";
+    pub const CONSUMER: &str = "x-consumer";
+    pub const ORIGINAL_ROUTING_KEY: &str = "x-original-routing-key";
+    pub const ORIGINAL_EXCHANGE: &str = "x-original-exchange";
+    /// Set by RabbitMQ when it dead-letters; never copied into a republished
+    /// message, or RabbitMQ may see a dead-letter cycle and drop it.
+    pub const X_DEATH: &str = "x-death";
+}
+
+pub const CONTENT_TYPE_JSON: &str = "application/json";
+const PERSISTENT: u8 = 2;
+const LAST_ERROR_MAX_BYTES: usize = 1024;
+
+/// The properties an outbox row is published with.
+pub fn properties_for(row: &OutboxRow, app_id: &str) -> BasicProperties {
+    let mut table = FieldTable::default();
+    table.insert(
+        headers::EVENT_VERSION.into(),
+        AMQPValue::LongInt(row.event_version),
+    );
+    table.insert(headers::AGGREGATE_TYPE.into(), text(&row.aggregate_type));
+    table.insert(headers::AGGREGATE_ID.into(), text(&row.aggregate_id));
+    table.insert(
+        headers::AGGREGATE_VERSION.into(),
+        AMQPValue::LongLongInt(row.aggregate_version),
+    );
+    table.insert(
+        headers::OCCURRED_AT.into(),
+        text(&row.occurred_at.to_rfc3339()),
+    );
+    let mut properties = BasicProperties::default()
+        .with_message_id(row.event_id.to_string().into())
+        .with_type(short(&row.event_type))
+        .with_content_type(short(&row.content_type))
+        .with_delivery_mode(PERSISTENT)
+        .with_timestamp(u64::try_from(row.occurred_at.timestamp()).unwrap_or(0))
+        .with_app_id(short(app_id))
+        .with_headers(table);
+    if let Some(correlation_id) = &row.correlation_id {
+        properties = properties.with_correlation_id(short(correlation_id));
+    }
+    properties
+}
+
+/// Why a delivery failed, as stamped on its retry or dead-letter copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    Transient,
+    Permanent,
+    Poison,
+}
+
+impl ErrorKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Transient => "transient",
+            Self::Permanent => "permanent",
+            Self::Poison => "poison",
+        }
+    }
+}
+
+/// The failure facts stamped on a copy.
+#[derive(Debug, Clone)]
+pub struct FailureStamp<'a> {
+    pub attempt: i64,
+    pub kind: ErrorKind,
+    pub error: &'a str,
+    pub consumer: &'a str,
+    pub now: DateTime<Utc>,
+}
+
+/// The properties of a retry or dead-letter copy: the original's properties
+/// and headers, minus `x-death`, plus our failure headers. The first failure's
+/// time and the original routing key survive every later attempt.
+pub fn failure_copy(
+    original: &BasicProperties,
+    original_exchange: &str,
+    original_routing_key: &str,
+    stamp: &FailureStamp<'_>,
+) -> BasicProperties {
+    let mut table = FieldTable::default();
+    if let Some(existing) = original.headers() {
+        for (key, value) in existing.inner() {
+            if key.as_str() != headers::X_DEATH {
+                table.insert(key.clone(), value.clone());
+            }
+        }
+    }
+    let keep_or = |table: &mut FieldTable, key: &str, value: &str| {
+        if !table.contains_key(key) {
+            table.insert(key.into(), text(value));
+        }
+    };
+    keep_or(
+        &mut table,
+        headers::FIRST_FAILED_AT,
+        &stamp.now.to_rfc3339(),
+    );
+    keep_or(
+        &mut table,
+        headers::ORIGINAL_ROUTING_KEY,
+        original_routing_key,
+    );
+    keep_or(&mut table, headers::ORIGINAL_EXCHANGE, original_exchange);
+    table.insert(
+        headers::ATTEMPT.into(),
+        AMQPValue::LongLongInt(stamp.attempt),
+    );
+    table.insert(headers::ERROR_KIND.into(), text(stamp.kind.as_str()));
+    table.insert(
+        headers::LAST_ERROR.into(),
+        text(&crate::store::outbox::truncate(
+            stamp.error,
+            LAST_ERROR_MAX_BYTES,
+        )),
+    );
+    table.insert(headers::CONSUMER.into(), text(stamp.consumer));
+    let mut copy = original
+        .clone()
+        .with_headers(table)
+        .with_delivery_mode(PERSISTENT);
+    if copy.expiration().is_some() {
+        // A per-message TTL would let the copy expire out of the dead-letter queue.
+        copy = BasicProperties::default()
+            .with_headers(copy.headers().clone().unwrap_or_default())
+            .with_delivery_mode(PERSISTENT);
+        copy = copy_basic_fields(original, copy);
+    }
+    copy
+}
+
+fn copy_basic_fields(from: &BasicProperties, mut to: BasicProperties) -> BasicProperties {
+    if let Some(v) = from.message_id() {
+        to = to.with_message_id(v.clone());
+    }
+    if let Some(v) = from.kind() {
+        to = to.with_type(v.clone());
+    }
+    if let Some(v) = from.content_type() {
+        to = to.with_content_type(v.clone());
+    }
+    if let Some(v) = from.correlation_id() {
+        to = to.with_correlation_id(v.clone());
+    }
+    if let Some(v) = from.timestamp() {
+        to = to.with_timestamp(*v);
+    }
+    if let Some(v) = from.app_id() {
+        to = to.with_app_id(v.clone());
+    }
+    to
+}
+
+/// A header as text, whatever string type the sender used.
+pub fn header_text(properties: &BasicProperties, key: &str) -> Option<String> {
+    match properties.headers().as_ref()?.inner().get(key)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+/// A header as an integer, whatever integer type the sender used.
+pub fn header_int(properties: &BasicProperties, key: &str) -> Option<i64> {
+    match properties.headers().as_ref()?.inner().get(key)? {
+        AMQPValue::ShortShortInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortShortUInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortUInt(v) => Some(i64::from(*v)),
+        AMQPValue::LongInt(v) => Some(i64::from(*v)),
+        AMQPValue::LongUInt(v) => Some(i64::from(*v)),
+        AMQPValue::LongLongInt(v) => Some(*v),
+        _ => None,
+    }
+}
+
+fn text(value: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(value.to_owned()))
+}
+
+/// A short string, cut to AMQP's 255-byte limit instead of panicking on a
+/// long value from a caller.
+fn short(value: &str) -> ShortString {
+    ShortString::from(crate::store::outbox::truncate(value, 255))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn original() -> BasicProperties {
+        let mut table = FieldTable::default();
+        table.insert("x-death".into(), AMQPValue::FieldArray(Vec::new().into()));
+        table.insert(headers::AGGREGATE_ID.into(), text("order-1"));
+        BasicProperties::default()
+            .with_message_id("m-1".into())
+            .with_type("order.canceled".into())
+            .with_headers(table)
+    }
+
+    fn stamp(attempt: i64, error: &str) -> FailureStamp<'_> {
+        FailureStamp {
+            attempt,
+            kind: ErrorKind::Transient,
+            error,
+            consumer: "refunds",
+            now: Utc::now(),
+        }
+    }
+
+    #[test]
+    fn a_failure_copy_drops_x_death_and_keeps_the_contract_headers() {
+        let copy = failure_copy(
+            &original(),
+            "orders.events",
+            "order.canceled",
+            &stamp(1, "503"),
+        );
+        let Some(table) = copy.headers() else {
+            panic!("headers are set");
+        };
+        assert!(!table.contains_key("x-death"));
+        assert_eq!(
+            header_text(&copy, headers::AGGREGATE_ID).as_deref(),
+            Some("order-1")
+        );
+        assert_eq!(header_int(&copy, headers::ATTEMPT), Some(1));
+        assert_eq!(
+            header_text(&copy, headers::ERROR_KIND).as_deref(),
+            Some("transient")
+        );
+        assert_eq!(copy.message_id().as_ref().map(|m| m.as_str()), Some("m-1"));
+    }
+
+    #[test]
+    fn the_first_failure_time_and_origin_survive_later_attempts() {
+        let first = failure_copy(
+            &original(),
+            "orders.events",
+            "order.canceled",
+            &stamp(1, "a"),
+        );
+        let second = failure_copy(&first, "", "refunds", &stamp(2, "b"));
+        assert_eq!(
+            header_text(&second, headers::FIRST_FAILED_AT),
+            header_text(&first, headers::FIRST_FAILED_AT)
+        );
+        assert_eq!(
+            header_text(&second, headers::ORIGINAL_ROUTING_KEY).as_deref(),
+            Some("order.canceled")
+        );
+        assert_eq!(header_int(&second, headers::ATTEMPT), Some(2));
+        assert_eq!(
+            header_text(&second, headers::LAST_ERROR).as_deref(),
+            Some("b")
+        );
+    }
+
+    #[test]
+    fn the_last_error_is_cut_to_one_kib() {
+        let long = "e".repeat(5000);
+        let copy = failure_copy(&original(), "x", "y", &stamp(1, &long));
+        assert_eq!(
+            header_text(&copy, headers::LAST_ERROR).map(|e| e.len()),
+            Some(1024)
+        );
+    }
+}

@@ -1,0 +1,12 @@
+//! Everything that speaks AMQP: the connection pool, the topology, the
+//! confirmed publisher and the mapping between our envelope and AMQP
+//! properties. The rest of the crate sees broker I/O only through here.
+
+pub mod connection;
+pub mod envelope;
+pub mod publisher;
+pub mod topology;
+
+pub use connection::{BrokerPool, broker_pool};
+pub use publisher::{ConfirmedPublisher, PublishError};
+pub use topology::{Topology, WorkerQueues};

@@ -1,0 +1,250 @@
+//! The broker objects of DESIGN.md §3, declared idempotently by every binary
+//! at start. Names come from config, so each test can run in its own vhost.
+
+use std::time::Duration;
+
+use lapin::{
+    Channel, ExchangeKind,
+    options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
+    types::{AMQPValue, FieldTable, LongString, ShortString},
+};
+
+use crate::{config::TopologySettings, domain::OrderCanceled};
+
+/// The event types each worker handles, which are also its binding keys.
+pub fn routing_keys_for(worker: &str) -> &'static [&'static str] {
+    match worker {
+        "refunds" | "notifications" => &[OrderCanceled::TYPE],
+        _ => &[],
+    }
+}
+
+/// The parking lot of a worker's queue: `refunds` -> `refunds.dead`.
+pub fn dead_letter_queue(worker: &str) -> String {
+    format!("{worker}.dead")
+}
+
+/// A worker's queues: the work queue, one delay queue per tier, the dead-letter queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerQueues {
+    pub name: String,
+    pub routing_keys: Vec<&'static str>,
+    pub retry_delays: Vec<Duration>,
+}
+
+impl WorkerQueues {
+    pub fn work(&self) -> &str {
+        &self.name
+    }
+
+    pub fn dead(&self) -> String {
+        dead_letter_queue(&self.name)
+    }
+
+    /// `refunds.retry.10s`: the tier's delay is in the name, visible in the management UI.
+    pub fn retry(&self, tier: usize) -> Option<String> {
+        self.retry_delays
+            .get(tier)
+            .map(|delay| format!("{}.retry.{}", self.name, humantime::format_duration(*delay)))
+    }
+
+    pub fn retry_queues(&self) -> Vec<String> {
+        (0..self.retry_delays.len())
+            .filter_map(|tier| self.retry(tier))
+            .collect()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Topology {
+    pub events_exchange: String,
+    pub unrouted_exchange: String,
+    pub delivery_limit: u32,
+    pub work_queue_max_length: Option<u32>,
+    pub workers: Vec<WorkerQueues>,
+}
+
+impl Topology {
+    /// The whole topology: every known worker's queues are declared, whichever
+    /// workers this process runs, so no event is unroutable because a consumer
+    /// has not started yet.
+    pub fn from_settings(settings: &TopologySettings) -> Self {
+        let workers = crate::config::KNOWN_WORKERS
+            .iter()
+            .map(|name| WorkerQueues {
+                name: (*name).to_owned(),
+                routing_keys: routing_keys_for(name).to_vec(),
+                retry_delays: settings.retry_delays.clone(),
+            })
+            .collect();
+        Self {
+            events_exchange: settings.events_exchange.clone(),
+            unrouted_exchange: settings.unrouted_exchange.clone(),
+            delivery_limit: settings.delivery_limit,
+            work_queue_max_length: settings.work_queue_max_length,
+            workers,
+        }
+    }
+
+    pub fn worker(&self, name: &str) -> Option<&WorkerQueues> {
+        self.workers.iter().find(|w| w.name == name)
+    }
+
+    /// Declares exchanges, queues and bindings. Safe to call again; fails with
+    /// PRECONDITION_FAILED if an object exists with other arguments.
+    pub async fn declare(&self, channel: &Channel) -> Result<(), lapin::Error> {
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        channel
+            .exchange_declare(
+                self.unrouted_exchange.as_str().into(),
+                ExchangeKind::Fanout,
+                durable,
+                FieldTable::default(),
+            )
+            .await?;
+        declare_queue(channel, &self.unrouted_exchange, quorum_args()).await?;
+        bind(
+            channel,
+            &self.unrouted_exchange,
+            &self.unrouted_exchange,
+            "",
+        )
+        .await?;
+
+        let mut exchange_args = FieldTable::default();
+        exchange_args.insert(
+            "alternate-exchange".into(),
+            long_string(&self.unrouted_exchange),
+        );
+        channel
+            .exchange_declare(
+                self.events_exchange.as_str().into(),
+                ExchangeKind::Topic,
+                durable,
+                exchange_args,
+            )
+            .await?;
+
+        for worker in &self.workers {
+            declare_queue(channel, &worker.dead(), quorum_args()).await?;
+            for (tier, delay) in worker.retry_delays.iter().enumerate() {
+                let Some(name) = worker.retry(tier) else {
+                    continue;
+                };
+                let mut args = dead_lettering_args(worker.work());
+                args.insert(
+                    "x-message-ttl".into(),
+                    AMQPValue::LongLongInt(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
+                );
+                declare_queue(channel, &name, args).await?;
+            }
+            let mut args = dead_lettering_args(&worker.dead());
+            args.insert(
+                "x-delivery-limit".into(),
+                AMQPValue::LongLongInt(i64::from(self.delivery_limit)),
+            );
+            if let Some(max) = self.work_queue_max_length {
+                args.insert(
+                    "x-max-length".into(),
+                    AMQPValue::LongLongInt(i64::from(max)),
+                );
+            }
+            declare_queue(channel, worker.work(), args).await?;
+            for key in &worker.routing_keys {
+                bind(channel, worker.work(), &self.events_exchange, key).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn long_string(value: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(value.to_owned()))
+}
+
+fn quorum_args() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), long_string("quorum"));
+    args
+}
+
+/// Quorum queue that dead-letters to `target` through the default exchange.
+/// `at-least-once` keeps a dead letter until the target confirmed it; it
+/// requires `reject-publish` overflow.
+fn dead_lettering_args(target: &str) -> FieldTable {
+    let mut args = quorum_args();
+    args.insert("x-dead-letter-exchange".into(), long_string(""));
+    args.insert("x-dead-letter-routing-key".into(), long_string(target));
+    args.insert(
+        "x-dead-letter-strategy".into(),
+        long_string("at-least-once"),
+    );
+    args.insert("x-overflow".into(), long_string("reject-publish"));
+    args
+}
+
+async fn declare_queue(
+    channel: &Channel,
+    name: &str,
+    args: FieldTable,
+) -> Result<(), lapin::Error> {
+    channel
+        .queue_declare(
+            ShortString::from(name),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            args,
+        )
+        .await?;
+    Ok(())
+}
+
+async fn bind(
+    channel: &Channel,
+    queue: &str,
+    exchange: &str,
+    key: &str,
+) -> Result<(), lapin::Error> {
+    channel
+        .queue_bind(
+            queue.into(),
+            exchange.into(),
+            key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_queues_are_named_after_their_delay() {
+        let worker = WorkerQueues {
+            name: "refunds".into(),
+            routing_keys: vec!["order.canceled"],
+            retry_delays: vec![
+                Duration::from_millis(500),
+                Duration::from_secs(10),
+                Duration::from_secs(600),
+            ],
+        };
+        assert_eq!(
+            worker.retry_queues(),
+            vec![
+                "refunds.retry.500ms",
+                "refunds.retry.10s",
+                "refunds.retry.10m"
+            ]
+        );
+        assert_eq!(worker.retry(3), None);
+        assert_eq!(worker.dead(), "refunds.dead");
+    }
+}

@@ -1,0 +1,276 @@
+//! The relay: claims due outbox rows in id order, publishes them on a
+//! confirm-mode channel with many in flight, and marks a row published only
+//! after an ack that carried no return (P2). A nack, a return, a timeout or a
+//! broken channel leaves the row pending with its error and a later
+//! `next_attempt_at`.
+//!
+//! [`Relay::relay_once`] is one step, for tests; [`Relay::run`] loops, woken by
+//! `LISTEN outbox` and polling as a fallback.
+
+use std::{sync::Arc, time::Duration};
+
+use chrono::Utc;
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use futures_util::{StreamExt, future::join_all};
+use tokio::sync::{Mutex, Notify};
+
+use super::backoff::{delay_after, reconnect_delay};
+use crate::{
+    amqp::{BrokerPool, ConfirmedPublisher, PublishError, Topology, envelope},
+    config::RelaySettings,
+    faults::{CrashPoint, crash_point},
+    shutdown::Shutdown,
+    store::{self, DbPool, StoreError, outbox},
+};
+
+/// What one relay step did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayOutcome {
+    /// Nothing was due.
+    Idle,
+    /// Rows were tried: `published` are confirmed and marked, `failed` stay pending.
+    Published { published: usize, failed: usize },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("broker unavailable: {0}")]
+    Broker(String),
+}
+
+pub struct Relay {
+    db: DbPool,
+    broker: BrokerPool,
+    topology: Topology,
+    settings: RelaySettings,
+    app_id: String,
+    publisher: Mutex<Option<ConfirmedPublisher>>,
+}
+
+impl Relay {
+    pub fn new(
+        db: DbPool,
+        broker: BrokerPool,
+        topology: Topology,
+        settings: RelaySettings,
+        app_id: &str,
+    ) -> Self {
+        Self {
+            db,
+            broker,
+            topology,
+            settings,
+            app_id: app_id.to_owned(),
+            publisher: Mutex::new(None),
+        }
+    }
+
+    /// The open publisher, or a new one on a fresh connection. Topology is
+    /// declared on every (re)open, so a broker that lost it gets it back.
+    async fn publisher(&self) -> Result<ConfirmedPublisher, RelayError> {
+        let mut slot = self.publisher.lock().await;
+        if let Some(publisher) = slot.as_ref().filter(|p| p.is_open()) {
+            return Ok(publisher.clone());
+        }
+        *slot = None;
+        let connection = self
+            .broker
+            .get()
+            .await
+            .map_err(|e| RelayError::Broker(e.to_string()))?;
+        let publisher = ConfirmedPublisher::open(&connection)
+            .await
+            .map_err(|e| RelayError::Broker(e.to_string()))?;
+        self.topology
+            .declare(publisher.channel())
+            .await
+            .map_err(|e| RelayError::Broker(format!("declaring topology: {e}")))?;
+        tracing::info!("relay publisher channel open");
+        *slot = Some(publisher.clone());
+        Ok(publisher)
+    }
+
+    /// Opens the publisher channel and declares the topology now, instead of
+    /// at the first due row; `run` calls it at start.
+    pub async fn connect(&self) -> Result<(), RelayError> {
+        self.publisher().await.map(drop)
+    }
+
+    async fn forget_publisher(&self) {
+        *self.publisher.lock().await = None;
+    }
+
+    /// One step: publish the due rows (up to `batch_size`) and record each outcome.
+    pub async fn relay_once(&self) -> Result<RelayOutcome, RelayError> {
+        let mut conn = self.db.get().await.map_err(StoreError::from)?;
+        let rows = outbox::due(&mut conn, self.settings.batch_size).await?;
+        if rows.is_empty() {
+            return Ok(RelayOutcome::Idle);
+        }
+        let publisher = self.publisher().await?;
+
+        let mut sent = Vec::with_capacity(rows.len());
+        let mut failures: Vec<(&outbox::OutboxRow, String)> = Vec::new();
+        for row in &rows {
+            let properties = envelope::properties_for(row, &self.app_id);
+            let body = row.payload.to_string();
+            match publisher
+                .send(
+                    &self.topology.events_exchange,
+                    &row.event_type,
+                    body.as_bytes(),
+                    properties,
+                )
+                .await
+            {
+                Ok(pending) => sent.push((row, pending)),
+                Err(error) => {
+                    // The channel is gone: the rest of the batch waits for the next step.
+                    failures.push((row, error.to_string()));
+                    break;
+                }
+            }
+        }
+        crash_point(CrashPoint::AfterPublishBeforeConfirm);
+        let timeout = self.settings.confirm_timeout;
+        let (rows_sent, pendings): (Vec<_>, Vec<_>) = sent.into_iter().unzip();
+        let results = join_all(pendings.into_iter().map(|p| p.settle(timeout))).await;
+
+        let mut published = Vec::new();
+        let mut channel_broken = !failures.is_empty();
+        for (row, result) in rows_sent.into_iter().zip(results) {
+            match result {
+                Ok(()) => published.push(row.id),
+                Err(error) => {
+                    channel_broken |=
+                        matches!(error, PublishError::Channel(_) | PublishError::Timeout(_));
+                    failures.push((row, error.to_string()));
+                }
+            }
+        }
+        if channel_broken {
+            self.forget_publisher().await;
+        }
+        if !published.is_empty() {
+            crash_point(CrashPoint::AfterConfirmBeforeMark);
+        }
+
+        outbox::mark_published(&mut conn, &published).await?;
+        for (row, error) in &failures {
+            let attempts = u32::try_from(row.attempts).unwrap_or(0);
+            let delay = delay_after(
+                attempts,
+                self.settings.backoff_base,
+                self.settings.backoff_max,
+            );
+            let next =
+                Utc::now() + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
+            tracing::warn!(
+                outbox_id = row.id,
+                event_id = %row.event_id,
+                attempts = row.attempts + 1,
+                retry_in = ?delay,
+                %error,
+                "publish not confirmed; the event stays pending"
+            );
+            outbox::record_failure(&mut conn, row.id, error, next).await?;
+        }
+        Ok(RelayOutcome::Published {
+            published: published.len(),
+            failed: failures.len(),
+        })
+    }
+
+    /// Relays until `shutdown`: drains while there is work, then waits for a
+    /// NOTIFY or the poll interval. A step in progress always finishes, so no
+    /// confirmed publish is left unmarked by shutdown itself.
+    pub async fn run(self: Arc<Self>, database_url: String, shutdown: Shutdown) {
+        let wake = Arc::new(Notify::new());
+        let listener = tokio::spawn(listen(database_url, wake.clone(), shutdown.clone()));
+        if let Err(error) = self.connect().await {
+            tracing::warn!(%error, "broker not reachable at start; the relay keeps trying");
+        }
+        let mut failures = 0u32;
+        while !shutdown.is_triggered() {
+            match self.relay_once().await {
+                Ok(RelayOutcome::Published { published, failed }) => {
+                    failures = 0;
+                    tracing::debug!(published, failed, "relay step");
+                    if published == 0 {
+                        // Everything due failed; the failed rows are not due again yet.
+                        wait(&wake, self.settings.poll_interval, &shutdown).await;
+                    }
+                }
+                Ok(RelayOutcome::Idle) => {
+                    failures = 0;
+                    wait(&wake, self.settings.poll_interval, &shutdown).await;
+                }
+                Err(error) => {
+                    let delay = reconnect_delay(failures);
+                    failures = failures.saturating_add(1);
+                    if failures == 1 {
+                        tracing::warn!(%error, "relay paused; retrying with backoff");
+                    }
+                    shutdown.sleep(delay).await;
+                }
+            }
+        }
+        listener.abort();
+        tracing::info!("relay stopped");
+    }
+}
+
+async fn wait(wake: &Notify, poll_interval: Duration, shutdown: &Shutdown) {
+    tokio::select! {
+        () = wake.notified() => {}
+        () = tokio::time::sleep(poll_interval) => {}
+        () = shutdown.wait() => {}
+    }
+}
+
+/// Holds a dedicated `LISTEN outbox` connection and wakes the relay on every
+/// notification; reconnects when the connection dies. Polling covers any gap.
+async fn listen(database_url: String, wake: Arc<Notify>, shutdown: Shutdown) {
+    let mut failures = 0u32;
+    while !shutdown.is_triggered() {
+        match listen_once(&database_url, &wake).await {
+            Ok(()) => {}
+            Err(error) => {
+                if failures == 0 {
+                    tracing::warn!(%error, "outbox LISTEN connection lost; relying on polling until it is back");
+                }
+                failures = failures.saturating_add(1);
+                let delay = reconnect_delay(failures);
+                shutdown.sleep(delay).await;
+            }
+        }
+    }
+}
+
+async fn listen_once(database_url: &str, wake: &Notify) -> Result<(), StoreError> {
+    let mut conn: AsyncPgConnection = store::connect(database_url).await?;
+    diesel::sql_query("LISTEN outbox")
+        .execute(&mut conn)
+        .await
+        .map_err(StoreError::classify)?;
+    loop {
+        let next = {
+            let mut stream = std::pin::pin!(conn.notifications_stream());
+            tokio::time::timeout(Duration::from_secs(15), stream.next()).await
+        };
+        match next {
+            Ok(Some(Ok(_))) => wake.notify_one(),
+            Ok(Some(Err(error))) => return Err(StoreError::classify(error)),
+            Ok(None) => return Err(StoreError::Unavailable("notification stream ended".into())),
+            // Quiet for a while: make sure the connection is still alive.
+            Err(_) => {
+                diesel::sql_query("SELECT 1")
+                    .execute(&mut conn)
+                    .await
+                    .map_err(StoreError::classify)?;
+            }
+        }
+    }
+}
