@@ -1,0 +1,99 @@
+//! Counters of what each worker did, served as JSON on the consumer's
+//! `/stats` for the demo's summary and for operators.
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use serde::Serialize;
+
+#[derive(Debug, Default)]
+pub struct WorkerStats {
+    pub handled: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub requeued: AtomicU64,
+    retried_per_tier: Vec<(String, AtomicU64)>,
+    pub dead_poison: AtomicU64,
+    pub dead_permanent: AtomicU64,
+    pub dead_exhausted: AtomicU64,
+}
+
+impl WorkerStats {
+    pub fn new(retry_queues: &[String]) -> Self {
+        Self {
+            retried_per_tier: retry_queues
+                .iter()
+                .map(|q| (q.clone(), AtomicU64::new(0)))
+                .collect(),
+            ..Self::default()
+        }
+    }
+
+    pub fn count_retry(&self, tier: usize) {
+        if let Some((_, counter)) = self.retried_per_tier.get(tier) {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> WorkerSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        WorkerSnapshot {
+            handled: get(&self.handled),
+            duplicates: get(&self.duplicates),
+            requeued: get(&self.requeued),
+            retried: self
+                .retried_per_tier
+                .iter()
+                .map(|(queue, c)| (queue.clone(), get(c)))
+                .collect(),
+            dead_lettered: BTreeMap::from([
+                ("poison".to_owned(), get(&self.dead_poison)),
+                ("permanent".to_owned(), get(&self.dead_permanent)),
+                ("exhausted".to_owned(), get(&self.dead_exhausted)),
+            ]),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq, Default)]
+pub struct WorkerSnapshot {
+    pub handled: u64,
+    pub duplicates: u64,
+    pub requeued: u64,
+    /// Copies sent into each delay tier, by queue name, in tier order.
+    pub retried: Vec<(String, u64)>,
+    pub dead_lettered: BTreeMap<String, u64>,
+}
+
+impl WorkerSnapshot {
+    pub fn dead_total(&self) -> u64 {
+        self.dead_lettered.values().sum()
+    }
+}
+
+/// All workers' counters, by worker name.
+#[derive(Debug, Default, Clone)]
+pub struct ConsumerStats {
+    workers: BTreeMap<String, Arc<WorkerStats>>,
+}
+
+impl ConsumerStats {
+    pub fn add(&mut self, worker: &str, stats: Arc<WorkerStats>) {
+        self.workers.insert(worker.to_owned(), stats);
+    }
+
+    pub fn snapshot(&self) -> BTreeMap<String, WorkerSnapshot> {
+        self.workers
+            .iter()
+            .map(|(name, stats)| (name.clone(), stats.snapshot()))
+            .collect()
+    }
+}

@@ -1,0 +1,452 @@
+//! One worker: consumes its work queue with manual acks, bounded concurrency
+//! and a prefetch window, and settles every delivery (P3):
+//! - handled or already in the inbox: ack;
+//! - transient failure: confirmed copy into the next delay tier, then ack;
+//! - permanent, exhausted or undecodable: confirmed copy into `<queue>.dead`
+//!   with the reason, then ack;
+//! - our database unreachable, or the copy not confirmed: nack with requeue,
+//!   so the broker keeps the message.
+
+use std::{sync::Arc, time::Duration};
+
+use chrono::Utc;
+use futures_util::StreamExt;
+use lapin::{
+    Channel,
+    message::Delivery,
+    options::{
+        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    },
+    types::FieldTable,
+};
+use tokio::{
+    sync::{Notify, Semaphore},
+    task::JoinSet,
+};
+
+use super::{
+    decision::{Decision, decide},
+    decode::decode,
+    stats::WorkerStats,
+};
+use crate::{
+    amqp::{
+        BrokerPool, ConfirmedPublisher, Topology, WorkerQueues,
+        envelope::{self, ErrorKind, FailureStamp},
+    },
+    config::ConsumerSettings,
+    faults::{CrashPoint, crash_on_message, crash_point},
+    handlers::{Handled, Handler, HandlerError},
+    outbox::backoff::{delay_after, jittered, reconnect_delay},
+    shutdown::Shutdown,
+    store::{self, DbPool, StoreError, inbox},
+};
+
+/// Pause before handing back a delivery whose failure copy the broker did not
+/// confirm, so a struggling broker does not get a hot redelivery loop.
+const REQUEUE_PAUSE: Duration = Duration::from_secs(1);
+
+/// Everything a worker is configured with.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub queues: WorkerQueues,
+    /// Declared at the start of every session, so a broker that lost its
+    /// definitions gets them back before we consume.
+    pub topology: Topology,
+    pub settings: ConsumerSettings,
+    pub publish_timeout: Duration,
+    pub shutdown_deadline: Duration,
+}
+
+pub struct Worker<H> {
+    config: WorkerConfig,
+    handler: Arc<H>,
+    db: DbPool,
+    broker: BrokerPool,
+    stats: Arc<WorkerStats>,
+}
+
+/// What to do with a delivery once its outcome is durable (or not).
+enum Settle {
+    Ack,
+    /// The failure copy was not confirmed: give the broker the message back.
+    Requeue,
+    /// Our database is unreachable: give it back at once and pause the worker.
+    DatabaseDown,
+}
+
+/// Why a consume session ended without an error.
+enum SessionEnd {
+    Shutdown,
+    /// Stop taking deliveries until the database answers again.
+    DatabaseDown,
+}
+
+struct Shared<H> {
+    queues: WorkerQueues,
+    handler: Arc<H>,
+    db: DbPool,
+    publisher: ConfirmedPublisher,
+    max_body_bytes: usize,
+    handler_timeout: Duration,
+    publish_timeout: Duration,
+    stats: Arc<WorkerStats>,
+    database_down: Notify,
+}
+
+impl<H: Handler> Worker<H> {
+    pub fn new(
+        config: WorkerConfig,
+        handler: Arc<H>,
+        db: DbPool,
+        broker: BrokerPool,
+        stats: Arc<WorkerStats>,
+    ) -> Self {
+        Self {
+            config,
+            handler,
+            db,
+            broker,
+            stats,
+        }
+    }
+
+    /// Consumes until `shutdown`, reconnecting with backoff when the broker
+    /// connection or channel is lost, and pausing while the database is down
+    /// (deliveries go back to the queue without spending a retry tier).
+    pub async fn run(self, shutdown: Shutdown) {
+        let worker = self.config.queues.work().to_owned();
+        let mut failures = 0u32;
+        while !shutdown.is_triggered() {
+            match self.session(&shutdown).await {
+                Ok(SessionEnd::Shutdown) => break,
+                Ok(SessionEnd::DatabaseDown) => {
+                    tracing::warn!(
+                        worker,
+                        "database unavailable; consumption paused until it answers"
+                    );
+                    self.wait_for_database(&shutdown).await;
+                    if !shutdown.is_triggered() {
+                        tracing::info!(worker, "database answers again; resuming");
+                    }
+                }
+                Err(error) => {
+                    let delay = reconnect_delay(failures);
+                    failures = failures.saturating_add(1);
+                    tracing::warn!(worker, %error, retry_in = ?delay, "consumer session ended; reconnecting");
+                    shutdown.sleep(delay).await;
+                    continue;
+                }
+            }
+            failures = 0;
+        }
+        tracing::info!(worker, "worker stopped");
+    }
+
+    async fn wait_for_database(&self, shutdown: &Shutdown) {
+        let mut attempt = 0u32;
+        while !shutdown.is_triggered() {
+            if store::ping(&self.db).await.is_ok() {
+                return;
+            }
+            let delay = jittered(delay_after(
+                attempt,
+                Duration::from_millis(200),
+                Duration::from_secs(5),
+            ));
+            attempt = attempt.saturating_add(1);
+            shutdown.sleep(delay).await;
+        }
+    }
+
+    async fn session(&self, shutdown: &Shutdown) -> anyhow::Result<SessionEnd> {
+        let connection = self
+            .broker
+            .get()
+            .await
+            .map_err(|e| anyhow::anyhow!("broker unavailable: {e}"))?;
+        let channel = connection.create_channel().await?;
+        self.config.topology.declare(&channel).await?;
+        channel
+            .basic_qos(self.config.settings.prefetch, BasicQosOptions::default())
+            .await?;
+        let publisher = ConfirmedPublisher::open(&connection).await?;
+        let tag = format!("{}-{}", self.config.queues.work(), std::process::id());
+        let mut consumer = channel
+            .basic_consume(
+                self.config.queues.work().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        tracing::info!(
+            worker = self.config.queues.work(),
+            prefetch = self.config.settings.prefetch,
+            concurrency = self.config.settings.concurrency,
+            "consuming"
+        );
+
+        let shared = Arc::new(Shared {
+            queues: self.config.queues.clone(),
+            handler: self.handler.clone(),
+            db: self.db.clone(),
+            publisher,
+            max_body_bytes: self.config.settings.max_body_bytes,
+            handler_timeout: self.config.settings.handler_timeout,
+            publish_timeout: self.config.publish_timeout,
+            stats: self.stats.clone(),
+            database_down: Notify::new(),
+        });
+        let permits = Arc::new(Semaphore::new(self.config.settings.concurrency));
+        let mut in_flight = JoinSet::new();
+        let ended = loop {
+            tokio::select! {
+                biased;
+                () = shutdown.wait() => break Ok(SessionEnd::Shutdown),
+                () = shared.database_down.notified() => break Ok(SessionEnd::DatabaseDown),
+                Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
+                next = consumer.next() => match next {
+                    None => break Err(anyhow::anyhow!("consumer stream ended")),
+                    Some(Err(error)) => break Err(error.into()),
+                    Some(Ok(delivery)) => {
+                        // All workers busy: wait for one, but not past a shutdown
+                        // (the delivery, never started, goes back on close).
+                        let permit = tokio::select! {
+                            permit = permits.clone().acquire_owned() => permit?,
+                            () = shutdown.wait() => break Ok(SessionEnd::Shutdown),
+                        };
+                        let shared = shared.clone();
+                        in_flight.spawn(async move {
+                            shared.process(delivery).await;
+                            drop(permit);
+                        });
+                    }
+                },
+            }
+        };
+        if ended.is_ok() {
+            // Stop new deliveries first, then let in-flight ones settle.
+            let _ = channel
+                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                .await;
+        }
+        drain(&mut in_flight, self.config.shutdown_deadline).await;
+        // Closing waits for close-ok, which the broker sends only after every
+        // ack before it on the channel: no ack is lost to a quick exit. The
+        // connection is pooled and outlives the session, so the publisher's
+        // channel is closed too rather than left open on it.
+        close(&channel).await;
+        close(shared.publisher.channel()).await;
+        ended
+    }
+}
+
+async fn drain(in_flight: &mut JoinSet<()>, deadline: Duration) {
+    let all_done = async { while in_flight.join_next().await.is_some() {} };
+    if tokio::time::timeout(deadline, all_done).await.is_err() {
+        tracing::warn!(
+            left = in_flight.len(),
+            "deadline passed with deliveries in flight; they will be redelivered"
+        );
+        in_flight.abort_all();
+    }
+}
+
+async fn close(channel: &Channel) {
+    if channel.status().connected() {
+        let _ = channel.close(200, "worker stopping".into()).await;
+    }
+}
+
+impl<H: Handler> Shared<H> {
+    async fn process(&self, delivery: Delivery) {
+        let settle = self.outcome(&delivery).await;
+        let result = match settle {
+            Settle::Ack => delivery.acker.ack(BasicAckOptions::default()).await,
+            Settle::DatabaseDown => {
+                WorkerStats::bump(&self.stats.requeued);
+                self.database_down.notify_one();
+                requeue(&delivery).await
+            }
+            Settle::Requeue => {
+                WorkerStats::bump(&self.stats.requeued);
+                tokio::time::sleep(REQUEUE_PAUSE).await;
+                requeue(&delivery).await
+            }
+        };
+        if let Err(error) = result {
+            // The channel is gone; the broker redelivers, the inbox absorbs it.
+            tracing::warn!(worker = self.queues.work(), %error, "could not settle a delivery");
+        }
+    }
+
+    /// Counted, and logged: the failure tests read this line as proof that a
+    /// committed delivery came back.
+    fn absorbed_duplicate(&self, message_id: uuid::Uuid) {
+        WorkerStats::bump(&self.stats.duplicates);
+        tracing::info!(worker = self.queues.work(), %message_id, "duplicate delivery absorbed");
+    }
+
+    async fn outcome(&self, delivery: &Delivery) -> Settle {
+        let decoded = match decode(&delivery.properties, &delivery.data, self.max_body_bytes) {
+            Ok(decoded) => decoded,
+            Err(reason) => {
+                crash_on_message(
+                    delivery
+                        .properties
+                        .message_id()
+                        .as_ref()
+                        .map(|m| m.as_str()),
+                );
+                let previous =
+                    envelope::header_int(&delivery.properties, envelope::headers::ATTEMPT)
+                        .unwrap_or(0);
+                return self
+                    .fail(delivery, previous, ErrorKind::Poison, &reason)
+                    .await;
+            }
+        };
+        crash_on_message(Some(decoded.message_id));
+        if delivery.redelivered {
+            tracing::info!(worker = self.queues.work(), message_id = %decoded.message_id, "redelivered delivery");
+        }
+        let seen = async {
+            let mut conn = self.db.get().await.map_err(StoreError::from)?;
+            inbox::seen(&mut conn, self.handler.name(), decoded.message_id).await
+        };
+        match seen.await {
+            Ok(true) => {
+                self.absorbed_duplicate(decoded.message_id);
+                return Settle::Ack;
+            }
+            Ok(false) => crash_point(CrashPoint::BeforeEffect),
+            Err(error) => {
+                tracing::warn!(worker = self.queues.work(), %error, "inbox check failed; handing the delivery back");
+                return if error.is_unavailable() {
+                    Settle::DatabaseDown
+                } else {
+                    Settle::Requeue
+                };
+            }
+        }
+        let handled = tokio::time::timeout(
+            self.handler_timeout,
+            self.handler.handle(decoded.message_id, &decoded.event),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(HandlerError::Transient(format!(
+                "handler did not finish within {:?}",
+                self.handler_timeout
+            )))
+        });
+        match handled {
+            Ok(Handled::Done) => {
+                crash_point(CrashPoint::AfterCommit);
+                WorkerStats::bump(&self.stats.handled);
+                Settle::Ack
+            }
+            Ok(Handled::AlreadyProcessed) => {
+                self.absorbed_duplicate(decoded.message_id);
+                Settle::Ack
+            }
+            Err(HandlerError::Unavailable(error)) => {
+                tracing::warn!(worker = self.queues.work(), %error, "database unavailable; handing the delivery back");
+                Settle::DatabaseDown
+            }
+            Err(HandlerError::Transient(error)) => {
+                self.fail(
+                    delivery,
+                    decoded.previous_failures,
+                    ErrorKind::Transient,
+                    &error,
+                )
+                .await
+            }
+            Err(HandlerError::Permanent(error)) => {
+                self.fail(
+                    delivery,
+                    decoded.previous_failures,
+                    ErrorKind::Permanent,
+                    &error,
+                )
+                .await
+            }
+        }
+    }
+
+    /// Publishes the failure copy where [`decide`] says, confirmed, before the
+    /// original is acked. If the copy is not confirmed the original is requeued.
+    async fn fail(
+        &self,
+        delivery: &Delivery,
+        previous: i64,
+        kind: ErrorKind,
+        error: &str,
+    ) -> Settle {
+        let decision = decide(previous, kind, self.queues.retry_delays.len());
+        let (target, attempt) = match decision {
+            Decision::Retry { tier, attempt } => match self.queues.retry(tier) {
+                Some(queue) => (queue, attempt),
+                None => (self.queues.dead(), attempt),
+            },
+            Decision::DeadLetter { attempt, .. } => (self.queues.dead(), attempt),
+        };
+        let stamp = FailureStamp {
+            attempt,
+            kind,
+            error,
+            consumer: self.handler.name(),
+            now: Utc::now(),
+        };
+        let properties = envelope::failure_copy(
+            &delivery.properties,
+            delivery.exchange.as_str(),
+            delivery.routing_key.as_str(),
+            &stamp,
+        );
+        if let Err(publish_error) = self
+            .publisher
+            .publish(
+                "",
+                &target,
+                &delivery.data,
+                properties,
+                self.publish_timeout,
+            )
+            .await
+        {
+            tracing::warn!(worker = self.queues.work(), queue = %target, %publish_error, "failure copy not confirmed; requeueing the original");
+            return Settle::Requeue;
+        }
+        match decision {
+            Decision::Retry { tier, .. } => {
+                self.stats.count_retry(tier);
+                tracing::info!(worker = self.queues.work(), queue = %target, attempt, %error, "retrying later");
+            }
+            Decision::DeadLetter {
+                kind, exhausted, ..
+            } => {
+                let counter = match (kind, exhausted) {
+                    (ErrorKind::Poison, _) => &self.stats.dead_poison,
+                    (_, true) => &self.stats.dead_exhausted,
+                    _ => &self.stats.dead_permanent,
+                };
+                WorkerStats::bump(counter);
+                tracing::warn!(worker = self.queues.work(), queue = %target, kind = kind.as_str(), attempt, %error, "dead-lettered");
+            }
+        }
+        Settle::Ack
+    }
+}
+
+async fn requeue(delivery: &Delivery) -> Result<bool, lapin::Error> {
+    delivery
+        .acker
+        .nack(BasicNackOptions {
+            requeue: true,
+            ..BasicNackOptions::default()
+        })
+        .await
+}
