@@ -1,0 +1,169 @@
+//! The operator CLI: migrations, the ground-truth check and the demo.
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Parser, Subcommand};
+use courier::{check, config::Settings, demo, store};
+
+/// courier's operator tool.
+///
+/// Configuration: config/default.toml < config/$COURIER_ENV.toml <
+/// COURIER__SECTION__KEY environment variables.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Apply pending database migrations (safe to run again).
+    Migrate,
+    /// Compare ground truth now: every canceled order vs refunds in the
+    /// database vs the payment gateway's ledger vs `refunds.dead` vs pending
+    /// outbox rows. Exits 1 if anything is lost, doubled or stuck (events
+    /// still in flight count as lost until they settle).
+    Check,
+    /// Run the demo: start payment-gateway, consumer and producer, cancel a
+    /// batch of orders through the API with a flaky gateway, wait until every
+    /// cancellation is settled and print what happened. Exits 1 if anything
+    /// was lost, doubled or left pending.
+    Demo {
+        /// How many orders to create and cancel.
+        #[arg(long, default_value_t = 1000)]
+        orders: usize,
+        /// Concurrent HTTP requests.
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        /// How long to wait for everything to settle.
+        #[arg(long, default_value = "180s", value_parser = humantime::parse_duration)]
+        settle_timeout: Duration,
+        /// Directory of the producer, consumer and payment-gateway binaries
+        /// [default: the directory of this binary].
+        #[arg(long)]
+        bin_dir: Option<PathBuf>,
+        /// Where the children's logs go.
+        #[arg(long, default_value = "var/demo-logs")]
+        log_dir: PathBuf,
+        /// RabbitMQ management UI base URL, for the summary's link.
+        #[arg(long, default_value = "http://127.0.0.1:15672")]
+        management_url: String,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    courier::telemetry::init("courier");
+    let settings = match Settings::load() {
+        Ok(settings) => settings,
+        Err(error) => {
+            eprintln!("courier: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(cli.command, settings).await {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("courier: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Migrate => {
+            let applied = store::run_migrations(&settings.database.url()).await?;
+            if applied.is_empty() {
+                println!("database `{}` is up to date", settings.database.name);
+            } else {
+                println!(
+                    "applied {} migration(s) to `{}`: {}",
+                    applied.len(),
+                    settings.database.name,
+                    applied.join(", ")
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check => {
+            let mut db = store::connect(&settings.database.url()).await?;
+            let (report, _) =
+                check::gather(&mut db, &settings.amqp, &settings.gateway, None).await?;
+            println!("canceled orders                 {:>8}", report.canceled);
+            println!("refunded (our database)         {:>8}", report.refunded);
+            println!(
+                "refunds in the gateway's ledger {:>8}",
+                report.refunds_in_gateway
+            );
+            println!(
+                "dead-lettered                   {:>8} {:?}",
+                report.dead_total(),
+                report.dead_lettered
+            );
+            println!(
+                "refunded but shelved            {:>8}",
+                report.refunded_but_shelved.len()
+            );
+            println!("lost                            {:>8}", report.lost.len());
+            println!(
+                "doubled                         {:>8}",
+                report.doubled.len()
+            );
+            println!("stuck in the outbox             {:>8}", report.stuck);
+            for order in report.lost.iter().take(20) {
+                println!("  lost: order {order}");
+            }
+            for order in report.doubled.iter().take(20) {
+                println!("  doubled: order {order}");
+            }
+            Ok(if report.passed() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Demo {
+            orders,
+            concurrency,
+            settle_timeout,
+            bin_dir,
+            log_dir,
+            management_url,
+        } => {
+            let bin_dir = match bin_dir {
+                Some(dir) => dir,
+                None => std::env::current_exe()?
+                    .parent()
+                    .map(PathBuf::from)
+                    .ok_or_else(|| {
+                        anyhow::anyhow!("cannot tell where the binaries are; pass --bin-dir")
+                    })?,
+            };
+            let options = demo::DemoOptions {
+                orders,
+                concurrency: concurrency.max(1),
+                bin_dir,
+                log_dir,
+                settle_timeout,
+                show_progress: true,
+                management_url,
+            };
+            println!(
+                "demo: {orders} orders, gateway failing {:.0}% transiently and always for {:?}; delay tiers {:?}",
+                settings.gateway_simulator.transient_error_rate * 100.0,
+                settings.gateway_simulator.failing_payment_ids,
+                settings.topology.retry_delays
+            );
+            let summary = demo::run(&settings, &options).await?;
+            println!("{summary}");
+            Ok(if summary.passed() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+    }
+}
