@@ -1,0 +1,150 @@
+//! Processes killed at each crash point of DESIGN.md §6, repeatedly.
+
+use std::{collections::HashSet, time::Duration};
+
+use courier::faults::CrashPoint;
+use figment::providers::Serialized;
+
+use super::harness::{CONSUMER, GATEWAY, PRODUCER, Run, assert_passed};
+
+const ORDERS: usize = 20;
+const SETTLE: Duration = Duration::from_secs(90);
+
+/// A run whose `binary` aborts at `point` on every life's `after`-th hit.
+///
+/// A consumer that dies hands its whole prefetch window back, in-flight
+/// work included, and every return counts toward the queue's
+/// `x-delivery-limit`. One delivery at a time per worker makes each life
+/// finish `after - 1` deliveries before it dies, so the run progresses and
+/// the crash point is hit at an exact step.
+async fn run_with_crashes(
+    binary: &'static str,
+    point: CrashPoint,
+    after: &str,
+) -> (Run, courier::check::Report) {
+    let mut run = Run::new(|f| {
+        f.merge(Serialized::default("consumer.prefetch", 1))
+            .merge(Serialized::default("consumer.concurrency", 1))
+    })
+    .await;
+    run.set_env(
+        binary,
+        &[
+            ("COURIER_CRASH_AT", point.name()),
+            ("COURIER_CRASH_AFTER", after),
+        ],
+    );
+    run.start_all().await;
+    let orders: HashSet<_> = run
+        .cancel_orders(ORDERS, "pay-crash")
+        .await
+        .into_iter()
+        .collect();
+    let report = run.settle(&orders, SETTLE).await;
+    (run, report)
+}
+
+/// Nothing lost or doubled, every order refunded, and `binary` really died.
+fn assert_survived(run: &Run, report: &courier::check::Report, binary: &str, what: &str) {
+    assert_passed(report, what);
+    assert_eq!(report.refunded, ORDERS, "{what}");
+    assert!(
+        run.starts(binary) >= 2,
+        "{what}: {binary} was never killed: {:?}",
+        run.pids
+    );
+}
+
+#[tokio::test]
+async fn refund_is_made_once_when_consumer_dies_after_the_gateway_refunded() {
+    let (run, report) = run_with_crashes(CONSUMER, CrashPoint::AfterGatewayCall, "3").await;
+    assert_survived(
+        &run,
+        &report,
+        CONSUMER,
+        "consumer killed after the gateway call",
+    );
+    let gateway = run.gateway_stats().await;
+    assert!(
+        gateway.replayed >= 1,
+        "no refund was asked for twice, so the fault did not hit: {gateway:?}"
+    );
+    assert_eq!(
+        gateway.refunds_created as usize, ORDERS,
+        "the gateway made one refund per order"
+    );
+}
+
+#[tokio::test]
+async fn refund_is_made_once_when_consumer_dies_after_commit_before_ack() {
+    let (run, report) = run_with_crashes(CONSUMER, CrashPoint::AfterCommit, "3").await;
+    assert_survived(&run, &report, CONSUMER, "consumer killed after commit");
+    assert!(
+        run.log_count(CONSUMER, "duplicate delivery absorbed") >= 1,
+        "no committed delivery came back, so the fault did not hit"
+    );
+}
+
+#[tokio::test]
+async fn refund_is_made_once_when_consumer_dies_before_its_effect() {
+    let (run, report) = run_with_crashes(CONSUMER, CrashPoint::BeforeEffect, "3").await;
+    assert_survived(&run, &report, CONSUMER, "consumer killed before the effect");
+    assert!(
+        run.log_count(CONSUMER, "redelivered delivery") >= 1,
+        "nothing was redelivered"
+    );
+}
+
+#[tokio::test]
+async fn event_is_refunded_once_when_relay_dies_after_confirm_before_mark() {
+    let (run, report) = run_with_crashes(PRODUCER, CrashPoint::AfterConfirmBeforeMark, "2").await;
+    assert_survived(&run, &report, PRODUCER, "relay killed after confirm");
+    assert!(
+        run.log_count(CONSUMER, "duplicate delivery absorbed") >= 1,
+        "no confirmed event was published again, so the fault did not hit"
+    );
+}
+
+#[tokio::test]
+async fn event_is_refunded_once_when_relay_dies_after_publish_before_confirm() {
+    let (run, report) =
+        run_with_crashes(PRODUCER, CrashPoint::AfterPublishBeforeConfirm, "2").await;
+    assert_survived(&run, &report, PRODUCER, "relay killed before confirm");
+}
+
+#[tokio::test]
+async fn refund_is_made_once_when_consumer_is_sigkilled_mid_run() {
+    let mut run =
+        Run::new(|f| f.merge(Serialized::default("gateway_simulator.latency", "100ms"))).await;
+    run.spawn(GATEWAY).await;
+    run.spawn(PRODUCER).await;
+    let orders: HashSet<_> = run
+        .cancel_orders(30, "pay-sigkill")
+        .await
+        .into_iter()
+        .collect();
+    run.spawn(CONSUMER).await;
+    run.wait_until_refunded(3).await;
+    let first = run.pid(CONSUMER);
+    let status = run.kill(CONSUMER).await;
+    assert!(!status.success(), "SIGKILL ended the consumer: {status}");
+    let at_kill = run.env.count("SELECT count(*) FROM refunds").await;
+    assert!(
+        at_kill < 30,
+        "the kill hit mid-run ({at_kill} of 30 refunded)"
+    );
+
+    let report = run.settle(&orders, SETTLE).await;
+    assert_passed(&report, "consumer SIGKILLed");
+    assert_eq!(report.refunded, 30);
+    assert_ne!(
+        run.pid(CONSUMER),
+        first,
+        "a new consumer process finished the run"
+    );
+    let clean = run.stop_all().await;
+    assert!(
+        clean.values().all(|c| *c),
+        "every binary exits 0 on SIGTERM: {clean:?}"
+    );
+}

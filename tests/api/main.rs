@@ -1,0 +1,12 @@
+//! courier's integration tests: one binary, real RabbitMQ and PostgreSQL,
+//! each test in its own vhost and database (see `helpers`). Test names state
+//! the promise they prove; DESIGN.md §1 maps promises to tests.
+
+mod consumer;
+mod demo;
+mod faults;
+mod helpers;
+mod orders;
+mod relay;
+mod startup;
+mod support;

@@ -1,0 +1,288 @@
+//! P2: an event counts as sent only after the broker took it; P6: the events
+//! exchange's alternate exchange catches what no queue was bound for.
+
+use std::time::Duration;
+
+use courier::{amqp::envelope::headers, outbox::RelayOutcome, store};
+use figment::providers::Serialized;
+use lapin::{
+    options::{QueueBindOptions, QueuePurgeOptions},
+    types::FieldTable,
+};
+
+use crate::helpers::{TestEnv, header_int, header_text, wait_until};
+
+async fn unbind(env: &TestEnv, queue: &str, exchange: &str, key: &str) {
+    env.channel
+        .queue_unbind(
+            queue.into(),
+            exchange.into(),
+            key.into(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("unbind {queue}: {e}"));
+}
+
+/// A connected relay (so its topology declaration is done) with the work
+/// queues' bindings removed afterwards.
+async fn relay_with_work_queues_unbound(env: &TestEnv) -> courier::outbox::Relay {
+    let relay = env.relay();
+    relay.connect().await.unwrap_or_else(|e| panic!("{e}"));
+    unbind(env, "refunds", "orders.events", "order.canceled").await;
+    unbind(env, "notifications", "orders.events", "order.canceled").await;
+    relay
+}
+
+/// Steps the relay until it publishes one row (failed rows back off first).
+async fn relay_until_one_is_published(relay: &courier::outbox::Relay) {
+    wait_until(
+        "a pending row is published after its backoff",
+        Duration::from_secs(10),
+        async || {
+            matches!(
+                relay.relay_once().await,
+                Ok(RelayOutcome::Published { published: 1, .. })
+            )
+        },
+    )
+    .await;
+}
+
+async fn outbox_row(env: &TestEnv, event_id: courier::domain::EventId) -> store::outbox::OutboxRow {
+    let mut conn = env.conn().await;
+    store::outbox::find_by_event_id(&mut conn, event_id.as_uuid())
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| panic!("no outbox row for {event_id}"))
+}
+
+#[tokio::test]
+async fn the_relay_marks_a_row_published_only_after_the_broker_acked_it() {
+    let env = TestEnv::new().await;
+    let relay = env.relay();
+    let (order_id, event_id) = env.cancel_new_order("pay-relay-1").await;
+    assert_eq!(
+        env.queue_depth("refunds").await,
+        0,
+        "nothing is published inside the transaction"
+    );
+    assert!(outbox_row(&env, event_id).await.published_at.is_none());
+
+    let outcome = relay.relay_once().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        outcome,
+        RelayOutcome::Published {
+            published: 1,
+            failed: 0
+        }
+    );
+    let row = outbox_row(&env, event_id).await;
+    assert!(row.published_at.is_some());
+    assert_eq!(row.attempts, 1);
+    assert_eq!(relay.relay_once().await.ok(), Some(RelayOutcome::Idle));
+
+    // The message contract (DESIGN.md §4).
+    let message = env.take_within("refunds", Duration::from_secs(5)).await;
+    let properties = &message.delivery.properties;
+    let event_id_text = event_id.to_string();
+    assert_eq!(
+        properties.message_id().as_ref().map(|m| m.as_str()),
+        Some(event_id_text.as_str())
+    );
+    assert_eq!(
+        properties.kind().as_ref().map(|t| t.as_str()),
+        Some("order.canceled")
+    );
+    assert_eq!(
+        properties.content_type().as_ref().map(|t| t.as_str()),
+        Some("application/json")
+    );
+    assert_eq!(*properties.delivery_mode(), Some(2));
+    assert_eq!(
+        properties.correlation_id().as_ref().map(|c| c.as_str()),
+        Some("test")
+    );
+    assert!(properties.timestamp().is_some());
+    assert_eq!(
+        header_text(&message, headers::AGGREGATE_ID),
+        Some(order_id.to_string())
+    );
+    assert_eq!(
+        header_text(&message, headers::AGGREGATE_TYPE).as_deref(),
+        Some("order")
+    );
+    assert_eq!(header_int(&message, headers::AGGREGATE_VERSION), Some(2));
+    assert_eq!(header_int(&message, headers::EVENT_VERSION), Some(1));
+    assert!(header_text(&message, headers::OCCURRED_AT).is_some());
+    let body: serde_json::Value =
+        serde_json::from_slice(&message.delivery.data).unwrap_or_default();
+    assert_eq!(body["order_id"], order_id.to_string());
+    assert_eq!(
+        env.queue_depth("notifications").await,
+        1,
+        "every bound queue got its copy"
+    );
+}
+
+#[tokio::test]
+async fn unroutable_event_stays_in_outbox() {
+    let env = TestEnv::new().await;
+    // Nothing at all may take the event: no work queue and no catch-all queue.
+    let relay = relay_with_work_queues_unbound(&env).await;
+    unbind(&env, "orders.unrouted", "orders.unrouted", "").await;
+    let (_, event_id) = env.cancel_new_order("pay-unroutable-1").await;
+
+    let outcome = relay.relay_once().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        outcome,
+        RelayOutcome::Published {
+            published: 0,
+            failed: 1
+        }
+    );
+    let row = outbox_row(&env, event_id).await;
+    assert!(
+        row.published_at.is_none(),
+        "a returned message is not published"
+    );
+    assert_eq!(row.attempts, 1);
+    assert!(
+        row.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("NO_ROUTE")),
+        "the error is recorded: {:?}",
+        row.last_error
+    );
+
+    // Once a route exists again the same row goes out.
+    env.channel
+        .queue_bind(
+            "refunds".into(),
+            "orders.events".into(),
+            "order.canceled".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    relay_until_one_is_published(&relay).await;
+    assert!(outbox_row(&env, event_id).await.published_at.is_some());
+    assert_eq!(env.queue_depth("refunds").await, 1);
+}
+
+#[tokio::test]
+async fn an_event_no_queue_is_bound_for_lands_in_orders_unrouted() {
+    let env = TestEnv::new().await;
+    let relay = relay_with_work_queues_unbound(&env).await;
+    let (_, event_id) = env.cancel_new_order("pay-unbound-1").await;
+
+    let outcome = relay.relay_once().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        outcome,
+        RelayOutcome::Published {
+            published: 1,
+            failed: 0
+        }
+    );
+    let message = env
+        .take_within("orders.unrouted", Duration::from_secs(5))
+        .await;
+    let event_id_text = event_id.to_string();
+    assert_eq!(
+        message
+            .delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|m| m.as_str()),
+        Some(event_id_text.as_str()),
+        "the alternate exchange kept the event visible instead of dropping it"
+    );
+}
+
+#[tokio::test]
+async fn a_nacked_publish_stays_pending_and_is_published_after_room_is_made() {
+    let env =
+        TestEnv::with(|f| f.merge(Serialized::default("topology.work_queue_max_length", 1))).await;
+    let relay = env.relay();
+    // A quorum queue enforces its limit once it is over it, so fill it until
+    // the broker refuses; a handful of events is always enough for a limit of 1.
+    let mut refused = None;
+    for i in 0..5 {
+        let (_, event_id) = env.cancel_new_order(&format!("pay-full-{i}")).await;
+        match relay.relay_once().await.unwrap_or_else(|e| panic!("{e}")) {
+            RelayOutcome::Published {
+                published: 1,
+                failed: 0,
+            } => {}
+            RelayOutcome::Published {
+                published: 0,
+                failed: 1,
+            } => {
+                refused = Some(event_id);
+                break;
+            }
+            other => panic!("unexpected relay outcome {other:?}"),
+        }
+    }
+    let Some(event_id) = refused else {
+        panic!("the full queue never refused a publish")
+    };
+    let row = outbox_row(&env, event_id).await;
+    assert!(row.published_at.is_none());
+    assert!(
+        row.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("nacked")),
+        "{:?}",
+        row.last_error
+    );
+    let depth = env.queue_depth("refunds").await;
+
+    for queue in ["refunds", "notifications"] {
+        env.channel
+            .queue_purge(queue.into(), QueuePurgeOptions::default())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    relay_until_one_is_published(&relay).await;
+    let row = outbox_row(&env, event_id).await;
+    assert!(row.published_at.is_some());
+    assert_eq!(row.attempts, 2);
+    assert_eq!(
+        env.queue_depth("refunds").await,
+        1,
+        "the queue held {depth} before the purge; now only the retried event"
+    );
+}
+
+#[tokio::test]
+async fn the_running_relay_is_woken_by_notify_without_polling() {
+    let env = TestEnv::with(|f| f.merge(Serialized::default("relay.poll_interval", "1h"))).await;
+    let producer = env.start_producer().await;
+    // The first event may go out in the relay's start-up drain; after it the
+    // relay waits, and with a one-hour poll interval only NOTIFY can wake it.
+    let (_, first) = env.cancel_new_order("pay-notify-1").await;
+    wait_until(
+        "the first event is published",
+        Duration::from_secs(10),
+        async || outbox_row(&env, first).await.published_at.is_some(),
+    )
+    .await;
+    wait_until("the relay listens on `outbox`", Duration::from_secs(10), async || {
+        env.count("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND query = 'LISTEN outbox'")
+            .await
+            == 1
+    })
+    .await;
+    let (_, second) = env.cancel_new_order("pay-notify-2").await;
+    wait_until(
+        "the second event is published",
+        Duration::from_secs(10),
+        async || outbox_row(&env, second).await.published_at.is_some(),
+    )
+    .await;
+    producer.stop().await.unwrap_or_else(|e| panic!("{e}"));
+}
