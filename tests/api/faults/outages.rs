@@ -153,6 +153,10 @@ async fn sigterm_under_load_exits_0_and_redelivers_nothing_committed() {
     let status = run.terminate(CONSUMER, Duration::from_secs(30)).await;
     assert!(status.success(), "SIGTERM must exit 0: {status}");
     let refunded_at_stop = run.env.count("SELECT count(*) FROM refunds").await;
+    let notified_at_stop = run
+        .env
+        .count("SELECT count(*) FROM processed_messages WHERE consumer = 'notifications'")
+        .await;
     assert!(
         refunded_at_stop < 60,
         "the consumer stopped mid-run (refunded {refunded_at_stop} of 60)"
@@ -161,7 +165,25 @@ async fn sigterm_under_load_exits_0_and_redelivers_nothing_committed() {
     run.spawn(CONSUMER).await;
     let report = run.settle(&orders, SETTLE).await;
     assert_passed(&report, "SIGTERM under load");
-    let stats = run.consumer_stats().await;
+    // Redelivered committed work would be at the head of the queues, so once
+    // the new consumer has counted every effect it made itself, any such
+    // redelivery has been counted too.
+    let refunds_left = u64::try_from(60 - refunded_at_stop).unwrap_or_default();
+    let notifications_left = u64::try_from(60 - notified_at_stop).unwrap_or_default();
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    let stats = loop {
+        let stats = run.consumer_stats().await;
+        if stats["refunds"].handled == refunds_left
+            && stats["notifications"].handled == notifications_left
+        {
+            break stats;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the restarted consumer never counted its own work: {stats:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert_eq!(
         stats["refunds"].duplicates + stats["notifications"].duplicates,
         0,
