@@ -9,6 +9,7 @@ use super::harness::{CONSUMER, GATEWAY, PRODUCER, Run, assert_passed};
 
 const ORDERS: usize = 20;
 const SETTLE: Duration = Duration::from_secs(90);
+const RELAY_BATCH: usize = ORDERS / 4;
 
 /// A run whose `binary` aborts at `point` on every life's `after`-th hit.
 ///
@@ -17,6 +18,10 @@ const SETTLE: Duration = Duration::from_secs(90);
 /// `x-delivery-limit`. One delivery at a time per worker makes each life
 /// finish `after - 1` deliveries before it dies, so the run progresses and
 /// the crash point is hit at an exact step.
+///
+/// The relay's crash points count steps, not rows: a relay that starts late
+/// would take all the orders in one batch and never reach its second step,
+/// so the batch is kept well below the number of orders.
 async fn run_with_crashes(
     binary: &'static str,
     point: CrashPoint,
@@ -25,6 +30,7 @@ async fn run_with_crashes(
     let mut run = Run::new(|f| {
         f.merge(Serialized::default("consumer.prefetch", 1))
             .merge(Serialized::default("consumer.concurrency", 1))
+            .merge(Serialized::default("relay.batch_size", RELAY_BATCH))
     })
     .await;
     run.set_env(
