@@ -125,8 +125,16 @@ async fn database_restarted_mid_run_pauses_and_resumes_without_dead_letters() {
     let postmaster = pg.postmaster_pid();
 
     pg.stop().await;
-    // While the database is down, the consumer hands deliveries back and waits.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The database stays down until the producer has noticed: its LISTEN
+    // session was one of those the shutdown ended.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while run.log_count(PRODUCER, "outbox LISTEN connection lost") == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the producer never noticed the database going away"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     pg.start_again().await;
     assert_ne!(pg.postmaster_pid(), postmaster, "a new PostgreSQL process");
     orders.extend(run.cancel_orders(10, "pay-pg-b").await);
