@@ -23,7 +23,10 @@ pub struct Summary {
     pub lost: i64,
     pub pending_outbox: i64,
     pub workers: BTreeMap<String, WorkerSnapshot>,
+    /// This run's refund dead letters, grouped by reason.
     pub dead_letter_samples: Vec<DeadLetterSample>,
+    /// Letters earlier runs left in `refunds.dead`, kept for analysis and replay.
+    pub earlier_dead_letters: usize,
     pub management_url: String,
     /// Each child and whether it exited 0 after SIGTERM.
     pub clean_exits: Vec<(String, bool)>,
@@ -36,33 +39,84 @@ impl Summary {
     }
 }
 
-impl fmt::Display for Summary {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f)?;
-        writeln!(f, "courier demo summary")?;
-        writeln!(f, "  orders canceled                 {:>6}", self.orders)?;
-        writeln!(f, "  refunded (our database)         {:>6}", self.refunded)?;
-        writeln!(
-            f,
-            "  refunds in the gateway's ledger {:>6}",
-            self.refunds_in_gateway
-        )?;
-        writeln!(f, "  customers notified              {:>6}", self.notified)?;
+/// One line of the table: its label (indent included) and its value.
+type Row = (String, String);
+
+impl Summary {
+    /// The table's lines above the dead-letter samples, then those below.
+    /// Labels vary with queue names from config, so the value column is
+    /// placed after the longest label rather than at a fixed width.
+    fn rows(&self) -> (Vec<Row>, Vec<Row>) {
+        let mut counts = vec![
+            ("  orders canceled".into(), self.orders.to_string()),
+            (
+                "  refunded (our database)".into(),
+                self.refunded.to_string(),
+            ),
+            (
+                "  refunds in the gateway's ledger".into(),
+                self.refunds_in_gateway.to_string(),
+            ),
+            ("  customers notified".into(), self.notified.to_string()),
+        ];
         for (worker, stats) in &self.workers {
-            writeln!(f, "  [{worker}]")?;
-            writeln!(f, "    handled                       {:>6}", stats.handled)?;
-            writeln!(
-                f,
-                "    duplicates absorbed           {:>6}",
-                stats.duplicates
-            )?;
+            counts.push((format!("  [{worker}]"), String::new()));
+            counts.push(("    handled".into(), stats.handled.to_string()));
+            counts.push((
+                "    duplicates absorbed".into(),
+                stats.duplicates.to_string(),
+            ));
             for (queue, count) in &stats.retried {
-                writeln!(f, "    retried via {queue:<24}{count:>6}")?;
+                counts.push((format!("    retried via {queue}"), count.to_string()));
             }
             for (reason, count) in &stats.dead_lettered {
-                writeln!(f, "    dead-lettered: {reason:<15}{count:>6}")?;
+                counts.push((format!("    dead-lettered: {reason}"), count.to_string()));
             }
         }
+        let mut verdict = vec![
+            ("  lost".into(), self.lost.to_string()),
+            ("  doubled".into(), self.doubled.to_string()),
+            (
+                "  still pending in the outbox".into(),
+                self.pending_outbox.to_string(),
+            ),
+        ];
+        for (name, clean) in &self.clean_exits {
+            let how = if *clean {
+                "stopped cleanly"
+            } else {
+                "did NOT stop cleanly"
+            };
+            verdict.push((format!("  {name}"), how.into()));
+        }
+        let passed = if self.passed() { "PASS" } else { "FAIL" };
+        verdict.push(("  verdict".into(), passed.into()));
+        (counts, verdict)
+    }
+}
+
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (counts, verdict) = self.rows();
+        let width = counts
+            .iter()
+            .chain(&verdict)
+            .map(|(label, _)| label.chars().count())
+            .max()
+            .unwrap_or(0);
+        let write_rows = |f: &mut fmt::Formatter<'_>, rows: &[Row]| -> fmt::Result {
+            for (label, value) in rows {
+                if value.is_empty() {
+                    writeln!(f, "{label}")?;
+                } else {
+                    writeln!(f, "{label:<width$} {value:>6}")?;
+                }
+            }
+            Ok(())
+        };
+        writeln!(f)?;
+        writeln!(f, "courier demo summary")?;
+        write_rows(f, &counts)?;
         if !self.dead_letter_samples.is_empty() {
             writeln!(f, "  why refunds were dead-lettered (refunds.dead):")?;
             for sample in &self.dead_letter_samples {
@@ -73,34 +127,65 @@ impl fmt::Display for Summary {
                 )?;
             }
         }
-        writeln!(f, "  lost                            {:>6}", self.lost)?;
-        writeln!(f, "  doubled                         {:>6}", self.doubled)?;
-        writeln!(
-            f,
-            "  still pending in the outbox     {:>6}",
-            self.pending_outbox
-        )?;
-        for (name, clean) in &self.clean_exits {
+        if self.earlier_dead_letters > 0 {
             writeln!(
                 f,
-                "  {name:<31} {}",
-                if *clean {
-                    "stopped cleanly"
-                } else {
-                    "did NOT stop cleanly"
-                }
+                "  (refunds.dead also holds {} letter(s) from earlier runs, kept for analysis and replay)",
+                self.earlier_dead_letters
             )?;
         }
-        writeln!(
-            f,
-            "  verdict                         {}",
-            if self.passed() { "PASS" } else { "FAIL" }
-        )?;
+        write_rows(f, &verdict)?;
         writeln!(f)?;
         write!(
             f,
             "Inspect the queues: {} (guest/guest)",
             self.management_url
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn summary_with_a_long_queue_name() -> Summary {
+        let worker = WorkerSnapshot {
+            handled: 3,
+            retried: vec![("notifications.retry.1s".into(), 2)],
+            dead_lettered: BTreeMap::from([("permanent".into(), 1)]),
+            ..WorkerSnapshot::default()
+        };
+        Summary {
+            orders: 1000,
+            refunded: 996,
+            refunds_in_gateway: 996,
+            notified: 1000,
+            doubled: 0,
+            lost: 0,
+            pending_outbox: 0,
+            workers: BTreeMap::from([("notifications".into(), worker)]),
+            dead_letter_samples: Vec::new(),
+            earlier_dead_letters: 0,
+            management_url: "http://127.0.0.1:15672".into(),
+            clean_exits: vec![("payment-gateway".into(), true)],
+        }
+    }
+
+    #[test]
+    fn every_summary_value_ends_in_one_column() {
+        let text = summary_with_a_long_queue_name().to_string();
+        let ends: Vec<usize> = text
+            .lines()
+            .filter(|line| line.starts_with("  ") && line.trim_end().contains("  "))
+            .filter(|line| !line.trim_start().starts_with('['))
+            .filter(|line| !line.contains("stopped") && !line.contains("verdict"))
+            .map(|line| line.trim_end().chars().count())
+            .collect();
+        assert!(ends.len() > 8, "{text}");
+        assert!(ends.iter().all(|e| *e == ends[0]), "{text}");
+        assert!(
+            text.contains("retried via notifications.retry.1s"),
+            "{text}"
+        );
     }
 }

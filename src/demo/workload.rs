@@ -174,7 +174,7 @@ async fn drive(
     let scope: HashSet<Uuid> = order_ids.iter().copied().collect();
     let (report, dead_letters) =
         check::gather(&mut db, &settings.amqp, &settings.gateway, Some(&scope)).await?;
-    let samples = dead_letter_samples(&dead_letters);
+    let (samples, earlier) = dead_letter_samples(&dead_letters, &event_ids);
 
     Ok(Summary {
         orders: event_ids.len(),
@@ -186,6 +186,7 @@ async fn drive(
         pending_outbox: report.stuck,
         workers: stats,
         dead_letter_samples: samples,
+        earlier_dead_letters: earlier,
         management_url: format!(
             "{}/#/queues/{}",
             options.management_url,
@@ -264,18 +265,35 @@ async fn consumer_stats(
         .await?)
 }
 
-/// The dead letters grouped by kind and (the start of) their error.
-fn dead_letter_samples(letters: &[check::DeadLetter]) -> Vec<DeadLetterSample> {
+/// This run's dead letters grouped by kind and (the start of) their error,
+/// and how many letters earlier runs left. `refunds.dead` keeps what earlier
+/// runs shelved (nothing is ever dropped), so only this run's letters explain
+/// this run; the rest is counted apart.
+fn dead_letter_samples(
+    letters: &[check::DeadLetter],
+    this_run: &[Uuid],
+) -> (Vec<DeadLetterSample>, usize) {
+    let ours: HashSet<String> = this_run.iter().map(Uuid::to_string).collect();
     let mut grouped: BTreeMap<(String, String), usize> = BTreeMap::new();
+    let mut earlier = 0;
     for letter in letters {
+        if !letter
+            .message_id
+            .as_ref()
+            .is_some_and(|id| ours.contains(id))
+        {
+            earlier += 1;
+            continue;
+        }
         let error = letter.error.as_deref().unwrap_or("(no x-last-error)");
         let error: String = error.chars().take(100).collect();
         *grouped.entry((letter.kind.clone(), error)).or_default() += 1;
     }
-    grouped
+    let samples = grouped
         .into_iter()
         .map(|((kind, error), count)| DeadLetterSample { kind, error, count })
-        .collect()
+        .collect();
+    (samples, earlier)
 }
 
 fn percent_encode_vhost(vhost: &str) -> String {
@@ -283,5 +301,37 @@ fn percent_encode_vhost(vhost: &str) -> String {
         "%2F".to_owned()
     } else {
         vhost.to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn letter(id: &Uuid, error: &str) -> check::DeadLetter {
+        check::DeadLetter {
+            message_id: Some(id.to_string()),
+            kind: "permanent".into(),
+            error: Some(error.into()),
+        }
+    }
+
+    #[test]
+    fn the_summary_explains_this_runs_dead_letters_and_counts_earlier_ones_apart() {
+        let (ours, old) = (Uuid::now_v7(), Uuid::now_v7());
+        let letters = [
+            letter(&ours, "422"),
+            letter(&old, "422"),
+            letter(&old, "422"),
+            check::DeadLetter {
+                message_id: None,
+                kind: "poison".into(),
+                error: None,
+            },
+        ];
+        let (samples, earlier) = dead_letter_samples(&letters, &[ours]);
+        assert_eq!(samples.len(), 1);
+        assert_eq!(samples[0].count, 1, "only this run's letter: {samples:?}");
+        assert_eq!(earlier, 3);
     }
 }

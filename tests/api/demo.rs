@@ -63,6 +63,16 @@ async fn the_demo_summary_shows_zero_pending_lost_and_doubled() {
         refunds.retried.iter().map(|(_, n)| n).sum::<u64>() > 0,
         "the flaky gateway caused retries"
     );
+    assert_eq!(
+        summary
+            .dead_letter_samples
+            .iter()
+            .map(|s| s.count as u64)
+            .sum::<u64>(),
+        refunds.dead_total(),
+        "every dead letter of the run is explained: {:?}",
+        summary.dead_letter_samples
+    );
     assert_eq!(summary.refunds_in_gateway as i64, summary.refunded);
     assert!(
         summary.clean_exits.iter().all(|(_, clean)| *clean),
