@@ -219,6 +219,46 @@ async fn a_permanent_gateway_failure_is_dead_lettered_at_once_with_the_gateway_e
     consumer.stop().await.unwrap_or_else(|e| panic!("{e}"));
 }
 
+#[tokio::test]
+async fn a_handler_slower_than_its_deadline_is_retried_and_then_shelved_as_transient() {
+    // The gateway answers after 2 s, the HTTP client would wait 10 s, and the
+    // handler's own deadline is 300 ms: only that deadline can end each try,
+    // well before the broker's consumer_timeout could.
+    let env = TestEnv::with(|f| {
+        f.merge(Serialized::default("gateway_simulator.latency", "2s"))
+            .merge(Serialized::default("gateway.timeout", "10s"))
+            .merge(Serialized::default("consumer.handler_timeout", "300ms"))
+    })
+    .await;
+    let consumer = env.start_consumer().await;
+    env.cancel_new_order("pay-slow-1").await;
+    env.relay()
+        .relay_once()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    let dead = env.take_within("refunds.dead", SETTLE).await;
+    assert_eq!(
+        header_text(&dead, headers::ERROR_KIND).as_deref(),
+        Some("transient")
+    );
+    assert_eq!(header_int(&dead, headers::ATTEMPT), Some(4));
+    let error = header_text(&dead, headers::LAST_ERROR).unwrap_or_default();
+    assert!(
+        error.contains("did not finish within 300ms"),
+        "the handler's deadline ended the try: {error}"
+    );
+    wait_until_dead_lettered(&consumer, "exhausted", 1).await;
+    let stats = consumer_stats(&consumer).await;
+    assert!(
+        stats["refunds"].retried.iter().all(|(_, n)| *n == 1),
+        "one try per tier: {:?}",
+        stats["refunds"].retried
+    );
+    assert_eq!(env.count("SELECT count(*) FROM refunds").await, 0);
+    consumer.stop().await.unwrap_or_else(|e| panic!("{e}"));
+}
+
 /// The consumer counts a dead letter once the broker has confirmed the copy,
 /// and the test may take that copy off `refunds.dead` before the confirm
 /// reaches the consumer; so the counter is awaited, not read once.
