@@ -37,6 +37,9 @@ async fn connection_names(run: &Run) -> Vec<String> {
         .collect()
 }
 
+/// The relay's connection, and one per consumer worker (refunds, notifications).
+const EXPECTED_CONNECTIONS: usize = 3;
+
 #[tokio::test]
 async fn force_closed_connections_of_relay_and_consumer_heal_by_themselves() {
     let mut run = Run::new(|f| f).await;
@@ -46,11 +49,12 @@ async fn force_closed_connections_of_relay_and_consumer_heal_by_themselves() {
         .await
         .into_iter()
         .collect();
-    // The management API lists connections with a delay; wait for both binaries'.
+    // The management API lists connections with a delay; wait for all of
+    // them, so that every one is closed below and none is left untouched.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let before = loop {
         let names = connection_names(&run).await;
-        if names.len() >= 2 {
+        if names.len() >= EXPECTED_CONNECTIONS {
             break names;
         }
         assert!(
@@ -78,7 +82,7 @@ async fn force_closed_connections_of_relay_and_consumer_heal_by_themselves() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let after = loop {
         let names = connection_names(&run).await;
-        if names.len() >= 2 || tokio::time::Instant::now() >= deadline {
+        if names.len() >= EXPECTED_CONNECTIONS || tokio::time::Instant::now() >= deadline {
             break names;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
