@@ -129,17 +129,32 @@ async fn a_transient_gateway_failure_goes_through_the_delay_tiers_and_then_succe
     consumer.stop().await.unwrap_or_else(|e| panic!("{e}"));
 }
 
-#[tokio::test]
-async fn an_exhausted_message_lands_in_refunds_dead_with_its_attempts() {
-    let env = TestEnv::new().await;
-    let consumer = env.start_consumer().await;
-    let (_, event_id) = env.cancel_new_order("fail-99x-exhausted").await;
+/// Cancels one order, relays its event and takes the refund's dead letter,
+/// checking it was shelved as `kind`.
+async fn cancel_and_take_refund_dead_letter(
+    env: &TestEnv,
+    payment_id: &str,
+    kind: &str,
+) -> (courier::domain::EventId, lapin::message::BasicGetMessage) {
+    let (_, event_id) = env.cancel_new_order(payment_id).await;
     env.relay()
         .relay_once()
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-
     let dead = env.take_within("refunds.dead", SETTLE).await;
+    assert_eq!(
+        header_text(&dead, headers::ERROR_KIND).as_deref(),
+        Some(kind)
+    );
+    (event_id, dead)
+}
+
+#[tokio::test]
+async fn an_exhausted_message_lands_in_refunds_dead_with_its_attempts() {
+    let env = TestEnv::new().await;
+    let consumer = env.start_consumer().await;
+    let (event_id, dead) =
+        cancel_and_take_refund_dead_letter(&env, "fail-99x-exhausted", "transient").await;
     let event_id_text = event_id.to_string();
     assert_eq!(
         dead.delivery
@@ -148,10 +163,6 @@ async fn an_exhausted_message_lands_in_refunds_dead_with_its_attempts() {
             .as_ref()
             .map(|m| m.as_str()),
         Some(event_id_text.as_str())
-    );
-    assert_eq!(
-        header_text(&dead, headers::ERROR_KIND).as_deref(),
-        Some("transient")
     );
     assert_eq!(
         header_int(&dead, headers::ATTEMPT),
@@ -193,17 +204,7 @@ async fn a_permanent_gateway_failure_is_dead_lettered_at_once_with_the_gateway_e
     })
     .await;
     let consumer = env.start_consumer().await;
-    env.cancel_new_order("pay-never-1").await;
-    env.relay()
-        .relay_once()
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-
-    let dead = env.take_within("refunds.dead", SETTLE).await;
-    assert_eq!(
-        header_text(&dead, headers::ERROR_KIND).as_deref(),
-        Some("permanent")
-    );
+    let (_, dead) = cancel_and_take_refund_dead_letter(&env, "pay-never-1", "permanent").await;
     assert_eq!(header_int(&dead, headers::ATTEMPT), Some(1));
     let error = header_text(&dead, headers::LAST_ERROR).unwrap_or_default();
     assert!(
@@ -231,17 +232,7 @@ async fn a_handler_slower_than_its_deadline_is_retried_and_then_shelved_as_trans
     })
     .await;
     let consumer = env.start_consumer().await;
-    env.cancel_new_order("pay-slow-1").await;
-    env.relay()
-        .relay_once()
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-
-    let dead = env.take_within("refunds.dead", SETTLE).await;
-    assert_eq!(
-        header_text(&dead, headers::ERROR_KIND).as_deref(),
-        Some("transient")
-    );
+    let (_, dead) = cancel_and_take_refund_dead_letter(&env, "pay-slow-1", "transient").await;
     assert_eq!(header_int(&dead, headers::ATTEMPT), Some(4));
     let error = header_text(&dead, headers::LAST_ERROR).unwrap_or_default();
     assert!(

@@ -240,6 +240,16 @@ impl Run {
             .count()
     }
 
+    /// Waits (up to 30 s) until `name` has logged `needle`: the proof that a
+    /// fault reached it. Fails with `otherwise` at the deadline.
+    pub async fn wait_for_log(&self, name: &str, needle: &str, otherwise: &str) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while self.log_count(name, needle) == 0 {
+            assert!(tokio::time::Instant::now() < deadline, "{otherwise}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Creates and cancels `n` orders through the producer's API, retrying
     /// requests that hit a producer in the middle of a restart.
     pub async fn cancel_orders(&mut self, n: usize, payment_prefix: &str) -> Vec<Uuid> {

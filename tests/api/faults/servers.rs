@@ -127,14 +127,12 @@ async fn database_restarted_mid_run_pauses_and_resumes_without_dead_letters() {
     pg.stop().await;
     // The database stays down until the producer has noticed: its LISTEN
     // session was one of those the shutdown ended.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while run.log_count(PRODUCER, "outbox LISTEN connection lost") == 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the producer never noticed the database going away"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    run.wait_for_log(
+        PRODUCER,
+        "outbox LISTEN connection lost",
+        "the producer never noticed the database going away",
+    )
+    .await;
     pg.start_again().await;
     assert_ne!(pg.postmaster_pid(), postmaster, "a new PostgreSQL process");
     orders.extend(run.cancel_orders(10, "pay-pg-b").await);
@@ -173,14 +171,12 @@ async fn blackholed_broker_connection_is_noticed_and_reconnected() {
     proxy.blackhole();
     orders.extend(run.cancel_orders(10, "pay-hole-b").await);
     // Longer than twice the 2 s heartbeat: the binaries must notice the silence.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while run.log_count(CONSUMER, "consumer session ended") == 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the consumer never noticed the dead connection"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    run.wait_for_log(
+        CONSUMER,
+        "consumer session ended",
+        "the consumer never noticed the dead connection",
+    )
+    .await;
     proxy.pass();
 
     let report = run.settle(&orders, SETTLE).await;
@@ -214,14 +210,12 @@ async fn database_connections_cut_through_a_proxy_pause_and_resume_without_dead_
     // Deliveries that arrive now cannot be checked against the inbox: the
     // consumer must hand them back and wait, not retry or dead-letter them.
     run.republish_all_events().await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while run.log_count(CONSUMER, "consumption paused") == 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the consumer never paused for the database"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    run.wait_for_log(
+        CONSUMER,
+        "consumption paused",
+        "the consumer never paused for the database",
+    )
+    .await;
     proxy.pass();
     orders.extend(run.cancel_orders(10, "pay-dbcut-b").await);
 
