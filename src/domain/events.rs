@@ -5,33 +5,13 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::{AmountCents, CustomerEmail, OrderId, PaymentId};
+use super::{AmountCents, CustomerEmail, OrderId, PaymentId, values::uuid_v7_id};
 
-/// An event's id (UUID v7, so ids sort by creation time). It is the AMQP
-/// `message_id`, the consumers' inbox key and the gateway's idempotency key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct EventId(Uuid);
-
-impl EventId {
-    pub fn generate() -> Self {
-        Self(Uuid::now_v7())
-    }
-
-    pub fn from_uuid(id: Uuid) -> Self {
-        Self(id)
-    }
-
-    pub fn as_uuid(&self) -> Uuid {
-        self.0
-    }
-}
-
-impl std::fmt::Display for EventId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.fmt(f)
-    }
-}
+uuid_v7_id!(
+    /// An event's id. It is the AMQP `message_id`, the consumers' inbox key
+    /// and the gateway's idempotency key.
+    EventId
+);
 
 /// An order was canceled: its payment must be refunded and its customer told.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

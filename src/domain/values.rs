@@ -11,30 +11,42 @@ pub struct ValueError {
     pub reason: &'static str,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct OrderId(Uuid);
+/// Declares an id newtype over a UUID v7, so ids sort by creation time.
+macro_rules! uuid_v7_id {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(Uuid);
 
-impl OrderId {
-    /// A new time-ordered id (UUID v7).
-    pub fn generate() -> Self {
-        Self(Uuid::now_v7())
-    }
+        impl $name {
+            /// A new time-ordered id.
+            pub fn generate() -> Self {
+                Self(Uuid::now_v7())
+            }
 
-    pub fn from_uuid(id: Uuid) -> Self {
-        Self(id)
-    }
+            pub fn from_uuid(id: Uuid) -> Self {
+                Self(id)
+            }
 
-    pub fn as_uuid(&self) -> Uuid {
-        self.0
-    }
+            pub fn as_uuid(&self) -> Uuid {
+                self.0
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                self.0.fmt(f)
+            }
+        }
+    };
 }
+pub(super) use uuid_v7_id;
 
-impl std::fmt::Display for OrderId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.fmt(f)
-    }
-}
+uuid_v7_id!(
+    /// An order's id.
+    OrderId
+);
 
 /// The payment a refund goes back to: 1–64 characters of `[A-Za-z0-9_-]`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]

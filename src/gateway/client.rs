@@ -351,23 +351,31 @@ mod tests {
         assert!(GatewayClient::new(&settings).is_err());
     }
 
+    /// One refund request of 1.00 for `pay-1` to the gateway at `url`.
+    async fn refund_once(
+        url: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<Result<RefundReceipt, GatewayError>> {
+        let client = GatewayClient::new(&GatewaySettings {
+            url: url.to_owned(),
+            timeout,
+        })?;
+        Ok(client
+            .refund(
+                EventId::generate(),
+                &PaymentId::parse("pay-1")?,
+                AmountCents::parse(100)?,
+            )
+            .await)
+    }
+
     #[tokio::test]
     async fn an_unreachable_gateway_is_a_transient_error() -> anyhow::Result<()> {
         // A port that was just free: nothing listens there any more.
         let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
         let addr = listener.local_addr()?;
         drop(listener);
-        let client = GatewayClient::new(&GatewaySettings {
-            url: format!("http://{addr}"),
-            timeout: Duration::from_secs(2),
-        })?;
-        let result = client
-            .refund(
-                EventId::generate(),
-                &PaymentId::parse("pay-1")?,
-                AmountCents::parse(100)?,
-            )
-            .await;
+        let result = refund_once(&format!("http://{addr}"), Duration::from_secs(2)).await?;
         let Err(error) = result else {
             panic!("a refund against a closed port succeeded: {result:?}");
         };
@@ -387,17 +395,7 @@ mod tests {
                 open.push(socket);
             }
         });
-        let client = GatewayClient::new(&GatewaySettings {
-            url: format!("http://{addr}/"),
-            timeout: Duration::from_millis(200),
-        })?;
-        let result = client
-            .refund(
-                EventId::generate(),
-                &PaymentId::parse("pay-1")?,
-                AmountCents::parse(100)?,
-            )
-            .await;
+        let result = refund_once(&format!("http://{addr}/"), Duration::from_millis(200)).await?;
         silent.abort();
         let Err(error) = result else {
             panic!("a refund against a silent gateway succeeded: {result:?}");

@@ -380,10 +380,7 @@ impl BrokerNode {
     async fn wait_until_serving(&mut self, started: Instant) {
         let deadline = started + START_TIMEOUT;
         loop {
-            if let Some(server) = self.server.as_mut()
-                && let Ok(Some(status)) = server.try_wait()
-            {
-                self.server = None;
+            if let Some(status) = sys::exited(&mut self.server) {
                 panic!(
                     "RabbitMQ node {} exited during start ({status}):\n{}\n{}",
                     self.node_name,

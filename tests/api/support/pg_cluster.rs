@@ -294,10 +294,7 @@ impl PgCluster {
         let started = Instant::now();
         let pid_file = self.dir.join("data/postmaster.pid");
         loop {
-            if let Some(postmaster) = self.postmaster.as_mut()
-                && let Ok(Some(status)) = postmaster.try_wait()
-            {
-                self.postmaster = None;
+            if let Some(status) = sys::exited(&mut self.postmaster) {
                 panic!(
                     "PostgreSQL on port {} exited during start ({status}):\n{}",
                     self.port,

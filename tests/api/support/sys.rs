@@ -5,7 +5,7 @@ use std::{
     fs, io,
     net::TcpListener,
     path::{Path, PathBuf},
-    process::Child,
+    process::{Child, ExitStatus},
     thread,
     time::{Duration, Instant},
 };
@@ -212,35 +212,40 @@ pub async fn wait_gone_async(pids: &[u32], timeout: Duration) -> bool {
     }
 }
 
+/// The exit status of the child in `slot` if it has exited, emptying the slot.
+pub fn exited(slot: &mut Option<Child>) -> Option<ExitStatus> {
+    let status = slot.as_mut()?.try_wait().ok()??;
+    *slot = None;
+    Some(status)
+}
+
+/// One look at a child being reaped: whether it is gone, SIGKILLing it once
+/// `deadline` has passed.
+fn reaped(child: &mut Child, deadline: Instant) -> bool {
+    match child.try_wait() {
+        Ok(Some(_)) | Err(_) => true,
+        Ok(None) if Instant::now() >= deadline => {
+            let _ = child.kill();
+            let _ = child.wait();
+            true
+        }
+        Ok(None) => false,
+    }
+}
+
 /// Waits (blocking) for our child to exit and reaps it; SIGKILLs it after `grace`.
 pub fn reap(child: &mut Child, grace: Duration) {
     let deadline = Instant::now() + grace;
-    loop {
-        match child.try_wait() {
-            Ok(Some(_)) | Err(_) => return,
-            Ok(None) if Instant::now() >= deadline => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return;
-            }
-            Ok(None) => thread::sleep(Duration::from_millis(10)),
-        }
+    while !reaped(child, deadline) {
+        thread::sleep(Duration::from_millis(10));
     }
 }
 
 /// Async twin of [`reap`]: polls without blocking the runtime.
 pub async fn reap_async(child: &mut Child, grace: Duration) {
     let deadline = Instant::now() + grace;
-    loop {
-        match child.try_wait() {
-            Ok(Some(_)) | Err(_) => return,
-            Ok(None) if Instant::now() >= deadline => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return;
-            }
-            Ok(None) => tokio::time::sleep(Duration::from_millis(10)).await,
-        }
+    while !reaped(child, deadline) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
