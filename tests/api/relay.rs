@@ -49,6 +49,12 @@ async fn relay_until_one_is_published(relay: &courier::outbox::Relay) {
     .await;
 }
 
+/// Steps the relay once and checks how many rows went out and how many failed.
+async fn assert_relay_step(relay: &courier::outbox::Relay, published: usize, failed: usize) {
+    let outcome = relay.relay_once().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(outcome, RelayOutcome::Published { published, failed });
+}
+
 async fn outbox_row(env: &TestEnv, event_id: courier::domain::EventId) -> store::outbox::OutboxRow {
     let mut conn = env.conn().await;
     store::outbox::find_by_event_id(&mut conn, event_id.as_uuid())
@@ -70,14 +76,7 @@ async fn the_relay_marks_a_row_published_only_after_the_broker_acked_it() {
     );
     assert!(outbox_row(&env, event_id).await.published_at.is_none());
 
-    let outcome = relay.relay_once().await.unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(
-        outcome,
-        RelayOutcome::Published {
-            published: 1,
-            failed: 0
-        }
-    );
+    assert_relay_step(&relay, 1, 0).await;
     let row = outbox_row(&env, event_id).await;
     assert!(row.published_at.is_some());
     assert_eq!(row.attempts, 1);
@@ -134,14 +133,7 @@ async fn unroutable_event_stays_in_outbox() {
     unbind(&env, "orders.unrouted", "orders.unrouted", "").await;
     let (_, event_id) = env.cancel_new_order("pay-unroutable-1").await;
 
-    let outcome = relay.relay_once().await.unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(
-        outcome,
-        RelayOutcome::Published {
-            published: 0,
-            failed: 1
-        }
-    );
+    assert_relay_step(&relay, 0, 1).await;
     let row = outbox_row(&env, event_id).await;
     assert!(
         row.published_at.is_none(),
@@ -178,14 +170,7 @@ async fn an_event_no_queue_is_bound_for_lands_in_orders_unrouted() {
     let relay = relay_with_work_queues_unbound(&env).await;
     let (_, event_id) = env.cancel_new_order("pay-unbound-1").await;
 
-    let outcome = relay.relay_once().await.unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(
-        outcome,
-        RelayOutcome::Published {
-            published: 1,
-            failed: 0
-        }
-    );
+    assert_relay_step(&relay, 1, 0).await;
     let message = env
         .take_within("orders.unrouted", Duration::from_secs(5))
         .await;

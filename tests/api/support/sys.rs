@@ -184,15 +184,24 @@ fn parent(pid: u32) -> Option<u32> {
     after_comm.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// One look at `pids`: `Some(true)` once none runs, `Some(false)` once
+/// `deadline` has passed, `None` to look again.
+fn gone_by(pids: &[u32], deadline: Instant) -> Option<bool> {
+    if pids.iter().all(|&pid| !is_running(pid)) {
+        Some(true)
+    } else if Instant::now() >= deadline {
+        Some(false)
+    } else {
+        None
+    }
+}
+
 /// Waits (blocking) until none of `pids` runs any more; `false` on timeout.
 pub fn wait_gone(pids: &[u32], timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
-        if pids.iter().all(|&pid| !is_running(pid)) {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
+        if let Some(gone) = gone_by(pids, deadline) {
+            return gone;
         }
         thread::sleep(Duration::from_millis(10));
     }
@@ -202,11 +211,8 @@ pub fn wait_gone(pids: &[u32], timeout: Duration) -> bool {
 pub async fn wait_gone_async(pids: &[u32], timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
-        if pids.iter().all(|&pid| !is_running(pid)) {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
+        if let Some(gone) = gone_by(pids, deadline) {
+            return gone;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
