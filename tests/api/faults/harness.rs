@@ -106,11 +106,7 @@ impl Run {
     }
 
     pub async fn spawn(&mut self, name: &'static str) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path(name))
-            .unwrap_or_else(|e| panic!("{e}"));
+        let log = crate::support::append_log(&self.log_path(name));
         let mut env = child_env(&self.settings);
         env.extend(self.extra_env.get(name).cloned().unwrap_or_default());
         let child = Command::new(bin_dir().join(name))

@@ -22,7 +22,7 @@
 //!   machine's shared one and is left alone.
 
 use std::{
-    fs::{self, File, OpenOptions},
+    fs::{self, OpenOptions},
     io::Write,
     os::unix::fs::OpenOptionsExt,
     path::PathBuf,
@@ -355,14 +355,7 @@ impl BrokerNode {
     async fn launch(&mut self) {
         let started = Instant::now();
         let log = self.dir.join("server.log");
-        let open_log = || {
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&log)
-                .unwrap_or_else(|e| panic!("cannot open {}: {e}", log.display()))
-        };
-        let (stdout, stderr): (File, File) = (open_log(), open_log());
+        let (stdout, stderr) = (sys::append_log(&log), sys::append_log(&log));
         let server = Command::new(SERVER)
             .env_clear()
             .envs(self.env())

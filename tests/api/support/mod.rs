@@ -21,6 +21,8 @@ pub use broker_node::BrokerNode;
 pub use pg_cluster::PgCluster;
 #[allow(unused_imports)]
 pub use proxy::TcpProxy;
+#[allow(unused_imports)]
+pub use sys::append_log;
 
 /// Stops and removes the throwaway servers of test processes that died
 /// without running their destructors (SIGKILL, Ctrl-C, a CI timeout); each

@@ -25,7 +25,7 @@
 //!   commits the client already saw succeed (the test caught exactly that).
 
 use std::{
-    fs::{self, OpenOptions},
+    fs,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -138,13 +138,6 @@ impl PgCluster {
             self.port
         );
         let log = self.dir.join("postgres.log");
-        let open_log = || {
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&log)
-                .unwrap_or_else(|e| panic!("cannot open {}: {e}", log.display()))
-        };
         let data = self.dir.join("data");
         let sockets = self.dir.join("sockets");
         let postmaster = as_postgres(&format!("{BIN}/postgres"))
@@ -159,8 +152,8 @@ impl PgCluster {
             .args(["-c", "full_page_writes=off"])
             .args(["-c", "max_connections=100"])
             .stdin(Stdio::null())
-            .stdout(open_log())
-            .stderr(open_log())
+            .stdout(sys::append_log(&log))
+            .stderr(sys::append_log(&log))
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {BIN}/postgres: {e}"));
         self.postmaster = Some(postmaster);

@@ -218,6 +218,15 @@ pub async fn wait_gone_async(pids: &[u32], timeout: Duration) -> bool {
     }
 }
 
+/// `path` opened for appending (created if missing): a child's log file.
+pub fn append_log(path: &Path) -> fs::File {
+    fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()))
+}
+
 /// The exit status of the child in `slot` if it has exited, emptying the slot.
 pub fn exited(slot: &mut Option<Child>) -> Option<ExitStatus> {
     let status = slot.as_mut()?.try_wait().ok()??;
