@@ -1,7 +1,7 @@
 //! The consumers: refunds and notifications.
 
 use clap::Parser;
-use courier::{app::consumer, config::Settings};
+use courier::app::{self, consumer};
 
 /// courier's consumers: take events from RabbitMQ with manual acks, make each
 /// effect once (inbox), retry transient failures through delay queues and
@@ -20,26 +20,12 @@ struct Args {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    courier::telemetry::init("consumer");
-    let settings = match Settings::load() {
-        Ok(settings) => settings,
-        Err(error) => {
-            eprintln!("consumer: {error}");
-            return std::process::ExitCode::from(2);
-        }
-    };
-    let listen = args.stats_listen.unwrap_or(settings.consumer.stats_listen);
-    let result = async {
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
-        consumer::run_until_stopped(settings, listener, courier::shutdown::signal()).await
-    };
-    match result.await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(error) => {
-            tracing::error!("consumer failed: {error:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    app::main_of(
+        "consumer",
+        |settings| args.stats_listen.unwrap_or(settings.consumer.stats_listen),
+        |settings, listener| {
+            consumer::run_until_stopped(settings, listener, courier::shutdown::signal())
+        },
+    )
+    .await
 }

@@ -5,10 +5,8 @@ use std::{net::SocketAddr, process::ExitCode};
 
 use anyhow::Context;
 use clap::Parser;
-use courier::{
-    config::{GatewaySimulatorSettings, Settings},
-    gateway::simulator,
-};
+use courier::{config::GatewaySimulatorSettings, gateway::simulator};
+use tokio::net::TcpListener;
 
 /// Stands in for the external payment system that the refund handler calls.
 #[derive(Debug, Parser)]
@@ -38,33 +36,15 @@ struct Cli {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    courier::telemetry::init("payment-gateway");
-    let settings = match Settings::load() {
-        Ok(settings) => settings,
-        Err(error) => {
-            eprintln!("payment-gateway: {error}");
-            return ExitCode::from(2);
-        }
-    };
-    match run(cli, settings.gateway_simulator).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            tracing::error!(
-                error = format!("{error:#}"),
-                "payment gateway simulator failed"
-            );
-            ExitCode::FAILURE
-        }
-    }
+    courier::app::main_of(
+        "payment-gateway",
+        |settings| cli.listen.unwrap_or(settings.gateway_simulator.listen),
+        |settings, listener| run(settings.gateway_simulator, listener),
+    )
+    .await
 }
 
-async fn run(cli: Cli, mut settings: GatewaySimulatorSettings) -> anyhow::Result<()> {
-    if let Some(listen) = cli.listen {
-        settings.listen = listen;
-    }
-    let listener = tokio::net::TcpListener::bind(settings.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", settings.listen))?;
+async fn run(settings: GatewaySimulatorSettings, listener: TcpListener) -> anyhow::Result<()> {
     let addr = listener
         .local_addr()
         .context("cannot read the bound address")?;
