@@ -18,7 +18,7 @@ use crate::{
         topology::dead_letter_queue,
     },
     config::{AmqpSettings, GatewaySettings},
-    domain::OrderCanceled,
+    domain::{OrderCanceled, OrderState, RefundKey},
     gateway::client::{GatewayClient, LedgerEntry},
     handlers::refund,
     store::schema,
@@ -38,6 +38,10 @@ pub struct Report {
     pub lost: Vec<Uuid>,
     /// Orders refunded more than once (in our database or in the ledger).
     pub doubled: Vec<Uuid>,
+    /// Refunds the gateway's ledger holds for no canceled order: for an order
+    /// that does not exist or is not canceled, or under a key courier did not
+    /// make (its idempotency key, as the ledger shows it).
+    pub without_cancel: Vec<String>,
     /// Outbox rows never confirmed by the broker.
     pub stuck: i64,
     /// Orders the gateway refunded whose message was dead-lettered before our
@@ -52,9 +56,13 @@ impl Report {
         self.dead_lettered.values().sum()
     }
 
-    /// Every cancellation has an outcome and none was doubled or left in the outbox.
+    /// Every cancellation has an outcome, none was doubled or left in the
+    /// outbox, and no money moved for an order nobody canceled.
     pub fn passed(&self) -> bool {
-        self.lost.is_empty() && self.doubled.is_empty() && self.stuck == 0
+        self.lost.is_empty()
+            && self.doubled.is_empty()
+            && self.without_cancel.is_empty()
+            && self.stuck == 0
     }
 }
 
@@ -115,6 +123,9 @@ pub async fn peek_dead_letters(
 pub struct DatabaseFacts {
     /// Event id -> order id, for every `order.canceled` in scope.
     events: HashMap<Uuid, Uuid>,
+    /// Every canceled order in the database, in scope or not: a ledger refund
+    /// for anything else moved money nobody decided on.
+    all_canceled: HashSet<Uuid>,
     refund_order_ids: Vec<Uuid>,
     pending_event_ids: Vec<Uuid>,
 }
@@ -125,7 +136,7 @@ impl DatabaseFacts {
         db: &mut AsyncPgConnection,
         scope: Option<&HashSet<Uuid>>,
     ) -> Result<Self, diesel::result::Error> {
-        use schema::{outbox, refunds};
+        use schema::{orders, outbox, refunds};
         let events: Vec<(Uuid, String)> = outbox::table
             .filter(outbox::event_type.eq(OrderCanceled::TYPE))
             .select((outbox::event_id, outbox::aggregate_id))
@@ -136,6 +147,13 @@ impl DatabaseFacts {
             .filter_map(|(event, order)| Uuid::parse_str(&order).ok().map(|o| (event, o)))
             .filter(|(_, order)| scope.is_none_or(|s| s.contains(order)))
             .collect();
+        let all_canceled = orders::table
+            .filter(orders::state.eq(OrderState::Canceled.as_str()))
+            .select(orders::id)
+            .load::<Uuid>(db)
+            .await?
+            .into_iter()
+            .collect();
         let refund_order_ids = refunds::table.select(refunds::order_id).load(db).await?;
         let pending_event_ids = outbox::table
             .filter(outbox::published_at.is_null())
@@ -144,6 +162,7 @@ impl DatabaseFacts {
             .await?;
         Ok(Self {
             events,
+            all_canceled,
             refund_order_ids,
             pending_event_ids,
         })
@@ -162,9 +181,17 @@ pub async fn gather(
 ) -> anyhow::Result<(Report, Vec<DeadLetter>)> {
     let facts = DatabaseFacts::load(db, scope).await?;
     // A fresh connection each time: the broker may have restarted since the last check.
-    let broker = Connection::connect(&amqp.uri(), lapin::ConnectionProperties::default())
-        .await
-        .map_err(|e| anyhow::anyhow!("the checker cannot reach {}: {e}", amqp.display_addr()))?;
+    let broker = Connection::connect(
+        &amqp.uri_as(&amqp.operator),
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "the checker cannot reach {}: {e}",
+            amqp.display_addr_as(&amqp.operator)
+        )
+    })?;
     let dead_letters = peek_dead_letters(&broker, &dead_letter_queue(refund::NAME)).await?;
     let _ = broker.close(200, "checked".into()).await;
     let ledger = GatewayClient::new(gateway)?
@@ -172,6 +199,18 @@ pub async fn gather(
         .await
         .map_err(|e| anyhow::anyhow!("reading the gateway's ledger at {}: {e}", gateway.url))?;
     Ok((check(&facts, &ledger, &dead_letters), dead_letters))
+}
+
+/// The order a ledger refund was made for: by the order's [`RefundKey`], or,
+/// for refunds made before keys came from orders, by the event id it carried.
+fn ledger_order(entry: &LedgerEntry, events: &HashMap<Uuid, Uuid>) -> Option<Uuid> {
+    RefundKey::order_of(&entry.idempotency_key)
+        .map(|order| order.as_uuid())
+        .or_else(|| {
+            Uuid::parse_str(&entry.idempotency_key)
+                .ok()
+                .and_then(|event| events.get(&event).copied())
+        })
 }
 
 /// Compares the database's facts with the gateway's ledger and the refunds'
@@ -188,12 +227,15 @@ pub fn check(
         *refunds_per_order.entry(*order).or_default() += 1;
     }
     let mut ledger_per_order: HashMap<Uuid, usize> = HashMap::new();
+    let mut without_cancel = Vec::new();
     for entry in ledger {
-        if let Some(order) = Uuid::parse_str(&entry.idempotency_key)
-            .ok()
-            .and_then(|key| events.get(&key))
-        {
-            *ledger_per_order.entry(*order).or_default() += 1;
+        match ledger_order(entry, events) {
+            Some(order) if facts.all_canceled.contains(&order) => {
+                if orders.contains(&order) {
+                    *ledger_per_order.entry(order).or_default() += 1;
+                }
+            }
+            _ => without_cancel.push(entry.idempotency_key.clone()),
         }
     }
     let mut dead_lettered = BTreeMap::new();
@@ -238,6 +280,7 @@ pub fn check(
         .collect();
     refunded_but_shelved.sort();
     Report {
+        without_cancel,
         refunded_but_shelved,
         canceled: orders.len(),
         refunded: refunds_per_order.len(),
@@ -252,8 +295,10 @@ pub fn check(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::OrderId;
 
-    fn entry(key: Uuid) -> LedgerEntry {
+    fn entry(order: Uuid) -> LedgerEntry {
+        let key = RefundKey::for_order(OrderId::from_uuid(order));
         LedgerEntry {
             refund_id: format!("rf_{key}"),
             payment_id: "pay".into(),
@@ -277,6 +322,7 @@ mod tests {
         let pairs: Vec<(Uuid, Uuid)> = (0..3).map(|_| (Uuid::now_v7(), Uuid::now_v7())).collect();
         let facts = DatabaseFacts {
             events: pairs.iter().copied().collect(),
+            all_canceled: pairs.iter().map(|(_, order)| *order).collect(),
             refund_order_ids: refunded.iter().map(|i| pairs[*i].1).collect(),
             pending_event_ids: pending.iter().map(|i| pairs[*i].0).collect(),
         };
@@ -286,7 +332,7 @@ mod tests {
     #[test]
     fn an_order_neither_refunded_nor_dead_lettered_is_lost() {
         let (facts, pairs) = facts(&[0], &[]);
-        let ledger = [entry(pairs[0].0)];
+        let ledger = [entry(pairs[0].1)];
         let report = check(&facts, &ledger, &[letter(pairs[1].0, "permanent")]);
         assert_eq!(report.lost, vec![pairs[2].1]);
         assert_eq!(report.dead_lettered.get("permanent"), Some(&1));
@@ -297,10 +343,10 @@ mod tests {
     fn two_ledger_refunds_for_one_order_are_doubled() {
         let (facts, pairs) = facts(&[0, 1, 2], &[]);
         let ledger = [
-            entry(pairs[0].0),
-            entry(pairs[0].0),
-            entry(pairs[1].0),
-            entry(pairs[2].0),
+            entry(pairs[0].1),
+            entry(pairs[0].1),
+            entry(pairs[1].1),
+            entry(pairs[2].1),
         ];
         let report = check(&facts, &ledger, &[]);
         assert_eq!(report.doubled, vec![pairs[0].1]);
@@ -312,16 +358,40 @@ mod tests {
         let (facts_pending, _) = facts(&[0, 1, 2], &[1]);
         assert_eq!(check(&facts_pending, &[], &[]).stuck, 1);
         let (clean, pairs) = facts(&[0, 1, 2], &[]);
-        let ledger: Vec<_> = pairs.iter().map(|(event, _)| entry(*event)).collect();
+        let ledger: Vec<_> = pairs.iter().map(|(_, order)| entry(*order)).collect();
         assert!(check(&clean, &ledger, &[]).passed());
     }
 
     #[test]
     fn a_gateway_refund_whose_message_was_shelved_is_reported() {
         let (facts, pairs) = facts(&[0, 1], &[]);
-        let ledger: Vec<_> = pairs.iter().map(|(event, _)| entry(*event)).collect();
+        let ledger: Vec<_> = pairs.iter().map(|(_, order)| entry(*order)).collect();
         let report = check(&facts, &ledger, &[letter(pairs[2].0, "delivery-limit")]);
         assert_eq!(report.refunded_but_shelved, vec![pairs[2].1]);
         assert!(report.passed(), "shelved is not lost");
+    }
+
+    #[test]
+    fn a_ledger_refund_for_an_order_nobody_canceled_fails_the_check() {
+        let (facts, pairs) = facts(&[0, 1, 2], &[]);
+        let mut ledger: Vec<_> = pairs.iter().map(|(_, order)| entry(*order)).collect();
+        let forged = entry(Uuid::now_v7());
+        ledger.push(forged.clone());
+        let report = check(&facts, &ledger, &[]);
+        assert_eq!(report.without_cancel, vec![forged.idempotency_key]);
+        assert!(report.doubled.is_empty());
+        assert!(!report.passed());
+    }
+
+    #[test]
+    fn a_refund_under_an_event_id_key_counts_for_its_order() {
+        let (facts, pairs) = facts(&[0, 1, 2], &[]);
+        let mut ledger: Vec<_> = pairs.iter().map(|(_, order)| entry(*order)).collect();
+        let mut by_event = entry(pairs[1].1);
+        by_event.idempotency_key = pairs[1].0.to_string();
+        ledger.push(by_event);
+        let report = check(&facts, &ledger, &[]);
+        assert_eq!(report.doubled, vec![pairs[1].1]);
+        assert!(report.without_cancel.is_empty());
     }
 }

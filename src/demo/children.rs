@@ -33,10 +33,15 @@ pub fn child_env(settings: &Settings) -> Vec<(String, String)> {
         ),
         ("AMQP__HOST", settings.amqp.host.clone()),
         ("AMQP__PORT", settings.amqp.port.to_string()),
-        ("AMQP__USER", settings.amqp.user.clone()),
+        ("AMQP__PRODUCER__USER", settings.amqp.producer.user.clone()),
         (
-            "AMQP__PASSWORD",
-            settings.amqp.password.expose_secret().to_owned(),
+            "AMQP__PRODUCER__PASSWORD",
+            settings.amqp.producer.password.expose_secret().to_owned(),
+        ),
+        ("AMQP__CONSUMER__USER", settings.amqp.consumer.user.clone()),
+        (
+            "AMQP__CONSUMER__PASSWORD",
+            settings.amqp.consumer.password.expose_secret().to_owned(),
         ),
         ("AMQP__VHOST", settings.amqp.vhost.clone()),
         (

@@ -10,4 +10,4 @@ mod workload;
 
 pub use children::{Children, child_env};
 pub use summary::Summary;
-pub use workload::{DemoOptions, run};
+pub use workload::{DemoOptions, consumer_stats, run};

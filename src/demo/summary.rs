@@ -19,6 +19,8 @@ pub struct Summary {
     pub notified: i64,
     /// Orders refunded more than once in the gateway's ledger.
     pub doubled: usize,
+    /// Refunds the gateway made for no canceled order.
+    pub without_cancel: usize,
     /// Canceled orders neither refunded nor dead-lettered.
     pub lost: i64,
     pub pending_outbox: i64,
@@ -28,6 +30,8 @@ pub struct Summary {
     /// Letters earlier runs left in `refunds.dead`, kept for analysis and replay.
     pub earlier_dead_letters: usize,
     pub management_url: String,
+    /// Who to log in to the management UI as.
+    pub operator_user: String,
     /// Each child and whether it exited 0 after SIGTERM.
     pub clean_exits: Vec<(String, bool)>,
 }
@@ -35,7 +39,7 @@ pub struct Summary {
 impl Summary {
     /// The run's verdict: nothing lost, nothing doubled, nothing stuck.
     pub fn passed(&self) -> bool {
-        self.lost == 0 && self.doubled == 0 && self.pending_outbox == 0
+        self.lost == 0 && self.doubled == 0 && self.without_cancel == 0 && self.pending_outbox == 0
     }
 }
 
@@ -76,6 +80,10 @@ impl Summary {
         let mut verdict = vec![
             ("  lost".into(), self.lost.to_string()),
             ("  doubled".into(), self.doubled.to_string()),
+            (
+                "  refunded for no canceled order".into(),
+                self.without_cancel.to_string(),
+            ),
             (
                 "  still pending in the outbox".into(),
                 self.pending_outbox.to_string(),
@@ -138,8 +146,8 @@ impl fmt::Display for Summary {
         writeln!(f)?;
         write!(
             f,
-            "Inspect the queues: {} (guest/guest)",
-            self.management_url
+            "Inspect the queues: {} (log in as {}, password amqp.operator.password)",
+            self.management_url, self.operator_user
         )
     }
 }
@@ -161,12 +169,14 @@ mod tests {
             refunds_in_gateway: 996,
             notified: 1000,
             doubled: 0,
+            without_cancel: 0,
             lost: 0,
             pending_outbox: 0,
             workers: BTreeMap::from([("notifications".into(), worker)]),
             dead_letter_samples: Vec::new(),
             earlier_dead_letters: 0,
             management_url: "http://127.0.0.1:15672".into(),
+            operator_user: "courier-operator".into(),
             clean_exits: vec![("payment-gateway".into(), true)],
         }
     }

@@ -182,6 +182,7 @@ async fn drive(
         refunds_in_gateway: report.refunds_in_gateway,
         notified,
         doubled: report.doubled.len(),
+        without_cancel: report.without_cancel.len(),
         lost: i64::try_from(report.lost.len()).unwrap_or(i64::MAX),
         pending_outbox: report.stuck,
         workers: stats,
@@ -192,6 +193,7 @@ async fn drive(
             options.management_url,
             percent_encode_vhost(&settings.amqp.vhost)
         ),
+        operator_user: settings.amqp.operator.user.clone(),
         clean_exits: Vec::new(),
     })
 }
@@ -252,7 +254,8 @@ async fn count_inbox(
         .await?)
 }
 
-async fn consumer_stats(
+/// The consumer's counters, from its `GET /stats`.
+pub async fn consumer_stats(
     http: &reqwest::Client,
     consumer_url: &str,
 ) -> anyhow::Result<BTreeMap<String, WorkerSnapshot>> {

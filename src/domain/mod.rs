@@ -6,8 +6,10 @@
 
 mod events;
 mod order;
+mod refund;
 mod values;
 
 pub use events::{DecodeEventError, EventId, EventRecord, IncomingEvent, OrderCanceled};
 pub use order::{CancelError, Order, OrderState, ShipError};
-pub use values::{AmountCents, CustomerEmail, OrderId, PaymentId, ValueError};
+pub use refund::{RefundKey, RefundRefused, authorize_refund};
+pub use values::{AmountCents, CustomerEmail, OrderId, PaymentId, ShippingAddress, ValueError};

@@ -3,7 +3,9 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::{AmountCents, CustomerEmail, EventId, OrderCanceled, OrderId, PaymentId};
+use super::{
+    AmountCents, CustomerEmail, EventId, OrderCanceled, OrderId, PaymentId, ShippingAddress,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -57,7 +59,7 @@ pub struct Order {
     pub payment_id: PaymentId,
     pub amount: AmountCents,
     pub customer_email: CustomerEmail,
-    pub shipping_address: Option<String>,
+    pub shipping_address: Option<ShippingAddress>,
     pub state: OrderState,
     pub version: i64,
     pub refund_status: Option<String>,
@@ -70,7 +72,7 @@ impl Order {
         payment_id: PaymentId,
         amount: AmountCents,
         customer_email: CustomerEmail,
-        shipping_address: Option<String>,
+        shipping_address: Option<ShippingAddress>,
         now: DateTime<Utc>,
     ) -> Self {
         Self {

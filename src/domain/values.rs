@@ -128,6 +128,14 @@ impl CustomerEmail {
             field: "customer_email",
             reason: "must look like name@domain (at most 254 characters)",
         };
+        // Checked first and named apart: PostgreSQL refuses NUL in text, and
+        // control characters in an address are never a typo worth guessing at.
+        if raw.chars().any(char::is_control) {
+            return Err(ValueError {
+                field: "customer_email",
+                reason: "must not contain control characters",
+            });
+        }
         let Some((local, domain)) = raw.split_once('@') else {
             return Err(error);
         };
@@ -160,6 +168,59 @@ impl From<CustomerEmail> for String {
     }
 }
 
+/// Where an order ships to: 1–1000 characters, not all whitespace, without
+/// control characters other than line breaks (addresses are written on
+/// several lines). NUL in particular never reaches the database, which
+/// refuses it in text.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ShippingAddress(String);
+
+impl ShippingAddress {
+    /// Long enough for any postal address, short enough that a client cannot
+    /// store a document in it.
+    pub const MAX_CHARS: usize = 1000;
+
+    pub fn parse(raw: &str) -> Result<Self, ValueError> {
+        let refuse = |reason| {
+            Err(ValueError {
+                field: "shipping_address",
+                reason,
+            })
+        };
+        if raw
+            .chars()
+            .any(|c| c.is_control() && c != '\n' && c != '\r')
+        {
+            return refuse("must not contain control characters other than line breaks");
+        }
+        if raw.trim().is_empty() {
+            return refuse("must not be blank (leave it out instead)");
+        }
+        if raw.chars().count() > Self::MAX_CHARS {
+            return refuse("must be at most 1000 characters");
+        }
+        Ok(Self(raw.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for ShippingAddress {
+    type Error = ValueError;
+    fn try_from(raw: String) -> Result<Self, Self::Error> {
+        Self::parse(&raw)
+    }
+}
+
+impl From<ShippingAddress> for String {
+    fn from(address: ShippingAddress) -> Self {
+        address.0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -185,5 +246,29 @@ mod tests {
         assert!(CustomerEmail::parse("a.example").is_err());
         assert!(CustomerEmail::parse("@b").is_err());
         assert!(CustomerEmail::parse("a@b@c").is_err());
+    }
+
+    #[test]
+    fn control_characters_are_refused_naming_the_field() {
+        for raw in ["a\0@b.example", "a@b.example\u{7}", "a@b\u{1b}.example"] {
+            let error = CustomerEmail::parse(raw).err();
+            assert_eq!(error.map(|e| e.field), Some("customer_email"), "{raw:?}");
+        }
+        for raw in ["pay\0", "pay-\u{7f}"] {
+            let error = PaymentId::parse(raw).err();
+            assert_eq!(error.map(|e| e.field), Some("payment_id"), "{raw:?}");
+        }
+        for raw in ["1 Main St\0", "1 Main St\t", "\u{85}1 Main St"] {
+            let error = ShippingAddress::parse(raw).err();
+            assert_eq!(error.map(|e| e.field), Some("shipping_address"), "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn shipping_addresses_may_span_lines_but_not_be_blank_or_huge() {
+        assert!(ShippingAddress::parse("Ada Lovelace\r\n1 Main St\nLondon").is_ok());
+        assert!(ShippingAddress::parse(" \n ").is_err());
+        assert!(ShippingAddress::parse(&"é".repeat(ShippingAddress::MAX_CHARS)).is_ok());
+        assert!(ShippingAddress::parse(&"é".repeat(ShippingAddress::MAX_CHARS + 1)).is_err());
     }
 }

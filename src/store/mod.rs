@@ -4,6 +4,7 @@
 //! No broker I/O happens here, and no transaction here ever waits on the broker.
 
 pub mod inbox;
+pub mod metrics;
 pub mod orders;
 pub mod outbox;
 pub mod refunds;

@@ -6,10 +6,13 @@ use diesel::prelude::*;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
-use super::{StoreError, outbox, schema::orders};
+use super::{
+    StoreError, outbox,
+    schema::{orders, refunds},
+};
 use crate::domain::{
     AmountCents, CancelError, CustomerEmail, EventId, Order, OrderId, OrderState, PaymentId,
-    ShipError,
+    ShipError, ShippingAddress,
 };
 
 #[derive(Debug, Clone, Queryable, Selectable, Insertable, AsChangeset)]
@@ -35,7 +38,10 @@ impl From<&Order> for OrderRow {
             payment_id: order.payment_id.as_str().to_owned(),
             amount_cents: order.amount.cents(),
             customer_email: order.customer_email.as_str().to_owned(),
-            shipping_address: order.shipping_address.clone(),
+            shipping_address: order
+                .shipping_address
+                .as_ref()
+                .map(|a| a.as_str().to_owned()),
             state: order.state.as_str().to_owned(),
             version: order.version,
             refund_status: order.refund_status.clone(),
@@ -58,7 +64,12 @@ impl TryFrom<OrderRow> for Order {
             amount: AmountCents::parse(row.amount_cents).map_err(|e| corrupt(e.to_string()))?,
             customer_email: CustomerEmail::parse(&row.customer_email)
                 .map_err(|e| corrupt(e.to_string()))?,
-            shipping_address: row.shipping_address.clone(),
+            shipping_address: row
+                .shipping_address
+                .as_deref()
+                .map(ShippingAddress::parse)
+                .transpose()
+                .map_err(|e| corrupt(e.to_string()))?,
             state: OrderState::parse(&row.state)
                 .ok_or_else(|| corrupt(format!("unknown state `{}`", row.state)))?,
             version: row.version,
@@ -67,6 +78,27 @@ impl TryFrom<OrderRow> for Order {
             updated_at: row.updated_at,
         })
     }
+}
+
+/// The order and whether it already has its one refund, in one round trip:
+/// what the refund side checks before any money moves.
+pub async fn find_with_refund(
+    conn: &mut AsyncPgConnection,
+    id: OrderId,
+) -> Result<Option<(Order, bool)>, StoreError> {
+    let row = orders::table
+        .find(id.as_uuid())
+        .select((
+            OrderRow::as_select(),
+            diesel::dsl::exists(refunds::table.filter(refunds::order_id.eq(orders::id))),
+        ))
+        .first::<(OrderRow, bool)>(conn)
+        .await
+        .optional()
+        .map_err(StoreError::classify)?;
+    row.map(|(order, refunded)| Order::try_from(order).map(|order| (order, refunded)))
+        .transpose()
+        .map_err(StoreError::Query)
 }
 
 /// Why a state change on an order did not happen.

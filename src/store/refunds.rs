@@ -28,6 +28,9 @@ pub enum Recorded {
     New,
     /// Another delivery of the same message committed first; nothing was written.
     AlreadyProcessed,
+    /// Another message for the same order committed its refund first; only
+    /// this message's inbox row was written.
+    OrderAlreadyRefunded,
 }
 
 /// Writes the refund and the inbox row in one transaction (P4). The refund is
@@ -42,13 +45,17 @@ pub async fn record_with_inbox(
         if !inbox::record(conn, consumer, refund.event_id).await? {
             return Ok(Recorded::AlreadyProcessed);
         }
-        diesel::insert_into(refunds::table)
+        let inserted = diesel::insert_into(refunds::table)
             .values(refund)
             .on_conflict(refunds::order_id)
             .do_nothing()
             .execute(conn)
             .await?;
-        Ok(Recorded::New)
+        Ok(if inserted == 1 {
+            Recorded::New
+        } else {
+            Recorded::OrderAlreadyRefunded
+        })
     })
     .await
     .map_err(StoreError::classify)

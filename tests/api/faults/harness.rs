@@ -421,13 +421,14 @@ impl Run {
 /// Asserts the run's verdict and prints the checker's table.
 pub fn assert_passed(report: &Report, what: &str) {
     println!(
-        "{what}: canceled {}, refunded {}, in gateway {}, dead {:?}, lost {}, doubled {}, stuck {}, refunded but shelved {}",
+        "{what}: canceled {}, refunded {}, in gateway {}, dead {:?}, lost {}, doubled {}, without cancel {}, stuck {}, refunded but shelved {}",
         report.canceled,
         report.refunded,
         report.refunds_in_gateway,
         report.dead_lettered,
         report.lost.len(),
         report.doubled.len(),
+        report.without_cancel.len(),
         report.stuck,
         report.refunded_but_shelved.len()
     );
@@ -436,6 +437,11 @@ pub fn assert_passed(report: &Report, what: &str) {
         report.doubled.is_empty(),
         "{what}: doubled {:?}",
         report.doubled
+    );
+    assert!(
+        report.without_cancel.is_empty(),
+        "{what}: refunded for no canceled order {:?}",
+        report.without_cancel
     );
     assert_eq!(report.stuck, 0, "{what}: stuck in the outbox");
 }

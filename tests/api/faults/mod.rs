@@ -3,7 +3,7 @@
 //! fault hit and that no refund was lost or doubled.
 
 mod crashes;
-mod harness;
+pub(crate) mod harness;
 mod messages;
 mod outages;
 mod servers;

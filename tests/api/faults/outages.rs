@@ -17,7 +17,10 @@ async fn connection_names(run: &Run) -> Vec<String> {
             "{MANAGEMENT}/api/vhosts/{}/connections",
             amqp.vhost
         ))
-        .basic_auth(&amqp.user, Some(amqp.password.expose_secret()))
+        .basic_auth(
+            &amqp.operator.user,
+            Some(amqp.operator.password.expose_secret()),
+        )
         .send()
         .await
         .and_then(reqwest::Response::error_for_status)
@@ -67,7 +70,10 @@ async fn force_closed_connections_of_relay_and_consumer_heal_by_themselves() {
     for name in &before {
         reqwest::Client::new()
             .delete(format!("{MANAGEMENT}/api/connections/{}", urlencode(name)))
-            .basic_auth(&amqp.user, Some(amqp.password.expose_secret()))
+            .basic_auth(
+                &amqp.operator.user,
+                Some(amqp.operator.password.expose_secret()),
+            )
             .header("X-Reason", "failure-injection test")
             .send()
             .await

@@ -4,10 +4,78 @@
 
 use std::{collections::HashSet, time::Duration};
 
+use courier::{
+    amqp::ConfirmedPublisher,
+    domain::{AmountCents, OrderId},
+    store,
+};
 use figment::providers::Serialized;
+use lapin::{Connection, ConnectionProperties};
+use uuid::Uuid;
 
 use super::harness::{CONSUMER, PRODUCER, Run, assert_passed};
-use crate::support::BrokerNode;
+use crate::{
+    helpers::{event_for, publish_event_into},
+    support::BrokerNode,
+};
+
+/// Messages the order service did not send, published straight into
+/// `refunds` beside the real ones: none may move money.
+#[derive(Debug, Default)]
+struct Forgeries {
+    /// A canceled order's cancellation again, under a new message id.
+    repeated: usize,
+    /// For an order that does not exist, one that is not canceled, and a
+    /// canceled one with an inflated amount.
+    forged: usize,
+}
+
+impl Forgeries {
+    /// One of each kind, for `canceled` (an order of this step). The broker
+    /// may be restarting: retried on a fresh connection until it takes them.
+    async fn publish(&mut self, run: &Run, canceled: Uuid, step: usize) {
+        let env = &run.env;
+        let mut conn = env.conn().await;
+        let real = store::orders::find(&mut conn, OrderId::from_uuid(canceled))
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| panic!("order {canceled} not found"));
+        drop(conn);
+        let placed = env.place_order(&format!("pay-forged-placed-{step}")).await;
+        let mut ghost = event_for(&placed);
+        ghost.order_id = OrderId::generate();
+        let mut inflated = event_for(&real);
+        inflated.amount_cents =
+            AmountCents::parse(real.amount.cents() * 1000).unwrap_or(real.amount);
+        let events = [event_for(&real), ghost, event_for(&placed), inflated];
+        let uri = run.settings.amqp.uri_as(&run.settings.amqp.operator);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            let published = async {
+                let connection = Connection::connect(&uri, ConnectionProperties::default()).await?;
+                let publisher = ConfirmedPublisher::open(&connection).await?;
+                for event in &events {
+                    publish_event_into(&publisher, "refunds", event).await?;
+                }
+                let _ = connection.close(200, "forged".into()).await;
+                anyhow::Ok(())
+            };
+            match published.await {
+                Ok(()) => break,
+                Err(error) => {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "could not publish the forgeries: {error}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+        self.repeated += 1;
+        self.forged += events.len() - 1;
+    }
+}
 
 fn knob(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -69,11 +137,15 @@ async fn soak() {
     let mut scope = HashSet::new();
     let mut broker_restarts = 0;
     let mut leaderless_healed = Vec::new();
+    let mut forgeries = Forgeries::default();
     for (step, fault) in faults.iter().enumerate() {
-        scope.extend(
-            run.cancel_orders(per_step, &format!("pay-soak-{step}"))
-                .await,
-        );
+        let canceled = run
+            .cancel_orders(per_step, &format!("pay-soak-{step}"))
+            .await;
+        if let Some(first) = canceled.first() {
+            forgeries.publish(&run, *first, step).await;
+        }
+        scope.extend(canceled);
         match fault {
             Fault::KillConsumer => {
                 run.kill(CONSUMER).await;
@@ -113,6 +185,18 @@ async fn soak() {
     println!("| **lost** | **{}** |", report.lost.len());
     println!("| **doubled** | **{}** |", report.doubled.len());
     println!("| **stuck in the outbox** | **{}** |", report.stuck);
+    println!(
+        "| forged events published (no such order / not canceled / inflated amount) | {} |",
+        forgeries.forged
+    );
+    println!(
+        "| canceled orders' events published again under new ids | {} |",
+        forgeries.repeated
+    );
+    println!(
+        "| **refunds in the gateway's ledger for no canceled order** | **{}** |",
+        report.without_cancel.len()
+    );
     println!(
         "| refunded but shelved | {} |",
         report.refunded_but_shelved.len()
