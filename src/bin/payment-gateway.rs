@@ -5,7 +5,10 @@ use std::{net::SocketAddr, process::ExitCode};
 
 use anyhow::Context;
 use clap::Parser;
-use courier::{config::GatewaySimulatorSettings, gateway::simulator};
+use courier::{
+    config::{GatewaySimulatorSettings, HttpSettings},
+    gateway::simulator,
+};
 use tokio::net::TcpListener;
 
 /// Stands in for the external payment system that the refund handler calls.
@@ -24,7 +27,10 @@ use tokio::net::TcpListener;
         gateway_simulator.latency               COURIER__GATEWAY_SIMULATOR__LATENCY (e.g. 5ms)\n  \
         gateway_simulator.transient_error_rate  COURIER__GATEWAY_SIMULATOR__TRANSIENT_ERROR_RATE (0.0-1.0)\n  \
         gateway_simulator.seed                  COURIER__GATEWAY_SIMULATOR__SEED\n  \
-        gateway_simulator.failing_payment_ids   COURIER__GATEWAY_SIMULATOR__FAILING_PAYMENT_IDS (e.g. '[\"pay-1\"]')\n\n\
+        gateway_simulator.failing_payment_ids   COURIER__GATEWAY_SIMULATOR__FAILING_PAYMENT_IDS (e.g. '[\"pay-1\"]')\n  \
+        http.header_read_timeout                COURIER__HTTP__HEADER_READ_TIMEOUT (e.g. 10s)\n  \
+        http.idle_timeout                       COURIER__HTTP__IDLE_TIMEOUT (e.g. 60s)\n  \
+        http.max_connections                    COURIER__HTTP__MAX_CONNECTIONS\n\n\
         COURIER_CONFIG_DIR (default: config) and COURIER_ENV (default: local) choose the files."
 )]
 struct Cli {
@@ -39,12 +45,16 @@ async fn main() -> ExitCode {
     courier::app::main_of(
         "payment-gateway",
         |settings| cli.listen.unwrap_or(settings.gateway_simulator.listen),
-        |settings, listener| run(settings.gateway_simulator, listener),
+        |settings, listener| run(settings.gateway_simulator, settings.http, listener),
     )
     .await
 }
 
-async fn run(settings: GatewaySimulatorSettings, listener: TcpListener) -> anyhow::Result<()> {
+async fn run(
+    settings: GatewaySimulatorSettings,
+    http: HttpSettings,
+    listener: TcpListener,
+) -> anyhow::Result<()> {
     let addr = listener
         .local_addr()
         .context("cannot read the bound address")?;
@@ -56,7 +66,7 @@ async fn run(settings: GatewaySimulatorSettings, listener: TcpListener) -> anyho
         failing_payment_ids = ?settings.failing_payment_ids,
         "payment gateway simulator listening"
     );
-    simulator::serve(listener, &settings, courier::shutdown::signal()).await?;
+    simulator::serve(listener, &settings, &http, courier::shutdown::signal()).await?;
     tracing::info!("payment gateway simulator stopped");
     Ok(())
 }

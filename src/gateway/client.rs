@@ -3,8 +3,9 @@
 //!
 //! It owns one decision the refund handler branches on: is a failure worth
 //! retrying ([`GatewayError::Transient`]) or final ([`GatewayError::Permanent`])?
-//! Every refund carries the event id as `Idempotency-Key`, so a retry after a
-//! lost answer can never refund twice. It knows nothing of the broker, the
+//! Every refund carries the order's [`RefundKey`] as `Idempotency-Key`, so a
+//! retry after a lost answer, or a second event for the same order, can never
+//! refund twice. It knows nothing of the broker, the
 //! database or the handlers.
 
 use std::time::Duration;
@@ -15,13 +16,15 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::{
     config::GatewaySettings,
-    domain::{AmountCents, EventId, PaymentId},
+    domain::{AmountCents, PaymentId, RefundKey},
 };
 
 /// The request header that makes a refund idempotent.
 pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
 /// The response header set to `true` when the gateway answered an earlier refund again.
 pub const REPLAYED_HEADER: &str = "idempotent-replayed";
+/// How long an idle keep-alive connection to the gateway is kept for reuse.
+const IDLE_CONNECTION_LIFETIME: Duration = Duration::from_secs(5);
 /// Error messages are cut to this many bytes: they end up in logs and AMQP headers.
 pub const MAX_ERROR_BYTES: usize = 1024;
 
@@ -116,6 +119,10 @@ impl GatewayClient {
         let http = reqwest::Client::builder()
             .timeout(settings.timeout)
             .connect_timeout(settings.timeout)
+            // Give idle connections up well before a server closes them
+            // (ours after http.header_read_timeout, 10 s), so a request does
+            // not race the server's close on a stale keep-alive connection.
+            .pool_idle_timeout(IDLE_CONNECTION_LIFETIME)
             .build()
             .context("cannot build the payment gateway's HTTP client")?;
         Ok(Self {
@@ -131,7 +138,7 @@ impl GatewayClient {
     /// permanent error.
     pub async fn refund(
         &self,
-        idempotency_key: EventId,
+        idempotency_key: &RefundKey,
         payment_id: &PaymentId,
         amount: AmountCents,
     ) -> Result<RefundReceipt, GatewayError> {
@@ -147,7 +154,7 @@ impl GatewayClient {
         let response = self
             .http
             .post(self.url("/refunds"))
-            .header(IDEMPOTENCY_KEY_HEADER, idempotency_key.to_string())
+            .header(IDEMPOTENCY_KEY_HEADER, idempotency_key.as_str())
             .json(&body)
             .send()
             .await
@@ -306,6 +313,8 @@ fn cut(text: String) -> String {
 mod tests {
     use reqwest::StatusCode;
 
+    use crate::domain::OrderId;
+
     use super::*;
 
     #[test]
@@ -362,7 +371,7 @@ mod tests {
         })?;
         Ok(client
             .refund(
-                EventId::generate(),
+                &RefundKey::for_order(OrderId::generate()),
                 &PaymentId::parse("pay-1")?,
                 AmountCents::parse(100)?,
             )

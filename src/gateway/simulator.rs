@@ -30,7 +30,7 @@ use uuid::Uuid;
 use super::client::{
     GatewayStats, IDEMPOTENCY_KEY_HEADER, LedgerEntry, REPLAYED_HEADER, RefundRequest,
 };
-use crate::config::GatewaySimulatorSettings;
+use crate::config::{GatewaySimulatorSettings, HttpSettings};
 
 /// Longer keys are refused, as real gateways do; they would only bloat the table.
 const MAX_KEY_BYTES: usize = 255;
@@ -44,15 +44,15 @@ pub fn router(settings: &GatewaySimulatorSettings) -> Router {
         .with_state(Arc::new(Simulator::new(settings)))
 }
 
-/// Serves the simulator on `listener` until `shutdown` resolves, then lets
-/// requests in flight finish.
+/// Serves the simulator on `listener`, with our HTTP connection limits
+/// (`http`), until `shutdown` resolves, then lets requests in flight finish.
 pub async fn serve(
     listener: TcpListener,
     settings: &GatewaySimulatorSettings,
+    http: &HttpSettings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    axum::serve(listener, router(settings))
-        .with_graceful_shutdown(shutdown)
+    crate::http::serve(listener, router(settings), http, shutdown)
         .await
         .context("the payment gateway simulator stopped serving")
 }
@@ -460,7 +460,7 @@ mod served {
     use super::*;
     use crate::{
         config::GatewaySettings,
-        domain::{AmountCents, EventId, PaymentId},
+        domain::{AmountCents, OrderId, PaymentId, RefundKey},
         gateway::client::{GatewayClient, GatewayError},
     };
 
@@ -488,12 +488,20 @@ mod served {
         }
     }
 
+    fn http_settings() -> HttpSettings {
+        HttpSettings {
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 64,
+        }
+    }
+
     async fn start(settings: GatewaySimulatorSettings) -> anyhow::Result<RunningGateway> {
         let listener = TcpListener::bind(settings.listen).await?;
         let addr = listener.local_addr()?;
         let (stop, stopped) = oneshot::channel::<()>();
         let server = tokio::spawn(async move {
-            serve(listener, &settings, async {
+            serve(listener, &settings, &http_settings(), async {
                 let _ = stopped.await;
             })
             .await
@@ -521,13 +529,14 @@ mod served {
     #[tokio::test]
     async fn the_gateway_never_refunds_twice_for_one_key() -> anyhow::Result<()> {
         let gateway = start(settings()).await?;
-        let key = EventId::generate();
+        let key = RefundKey::for_order(OrderId::generate());
         let mut calls = JoinSet::new();
         for _ in 0..50 {
             let client = gateway.client.clone();
+            let key = key.clone();
             let payment_id = payment("pay-1")?;
             let amount = cents(1_250)?;
-            calls.spawn(async move { client.refund(key, &payment_id, amount).await });
+            calls.spawn(async move { client.refund(&key, &payment_id, amount).await });
         }
         let mut receipts = Vec::new();
         while let Some(joined) = calls.join_next().await {
@@ -557,11 +566,19 @@ mod served {
         let gateway = start(settings()).await?;
         let first = gateway
             .client
-            .refund(EventId::generate(), &payment("pay-1")?, cents(100)?)
+            .refund(
+                &RefundKey::for_order(OrderId::generate()),
+                &payment("pay-1")?,
+                cents(100)?,
+            )
             .await?;
         let second = gateway
             .client
-            .refund(EventId::generate(), &payment("pay-2")?, cents(200)?)
+            .refund(
+                &RefundKey::for_order(OrderId::generate()),
+                &payment("pay-2")?,
+                cents(200)?,
+            )
             .await?;
         assert_ne!(first.refund_id, second.refund_id);
         assert!(first.refund_id.starts_with("rf_"), "{}", first.refund_id);
@@ -580,7 +597,11 @@ mod served {
         .await?;
         let result = gateway
             .client
-            .refund(EventId::generate(), &payment("pay-doomed")?, cents(100)?)
+            .refund(
+                &RefundKey::for_order(OrderId::generate()),
+                &payment("pay-doomed")?,
+                cents(100)?,
+            )
             .await;
         let Err(GatewayError::Permanent(message)) = result else {
             panic!("expected a permanent error, got {result:?}");
@@ -602,11 +623,11 @@ mod served {
             ..settings()
         })
         .await?;
-        let key = EventId::generate();
+        let key = RefundKey::for_order(OrderId::generate());
         for _ in 0..3 {
             let result = gateway
                 .client
-                .refund(key, &payment("pay-1")?, cents(100)?)
+                .refund(&key, &payment("pay-1")?, cents(100)?)
                 .await;
             let Err(error @ GatewayError::Transient(_)) = result else {
                 panic!("expected a transient error, got {result:?}");
@@ -622,14 +643,14 @@ mod served {
     #[tokio::test]
     async fn reusing_a_key_for_another_refund_is_a_permanent_error() -> anyhow::Result<()> {
         let gateway = start(settings()).await?;
-        let key = EventId::generate();
+        let key = RefundKey::for_order(OrderId::generate());
         gateway
             .client
-            .refund(key, &payment("pay-1")?, cents(100)?)
+            .refund(&key, &payment("pay-1")?, cents(100)?)
             .await?;
         let result = gateway
             .client
-            .refund(key, &payment("pay-1")?, cents(999)?)
+            .refund(&key, &payment("pay-1")?, cents(999)?)
             .await;
         let Err(GatewayError::Permanent(message)) = result else {
             panic!("expected a permanent error, got {result:?}");

@@ -1,8 +1,11 @@
-//! The order service's HTTP API (axum). Requests are parsed into domain
-//! values at this boundary; a bad request gets a 4xx with a message.
+//! The order service's HTTP API (axum), and the server loop all our HTTP
+//! services share. Requests are parsed into domain values at this boundary;
+//! a bad request gets a 4xx with a message.
 
 mod error;
 mod orders;
+mod server;
 
 pub use error::ApiError;
-pub use orders::router;
+pub use orders::{MAX_BODY_BYTES, router};
+pub use server::serve;

@@ -1,9 +1,10 @@
 //! `POST /orders`, `POST /orders/{id}/cancel`, `POST /orders/{id}/ship`,
-//! `GET /orders/{id}`, `GET /healthz`.
+//! `GET /orders/{id}`, `GET /healthz`. Anything else a client sends, however
+//! hostile, gets a 4xx with a JSON `{"error": ...}` saying what is wrong.
 
 use axum::{
     Json, Router,
-    extract::{Path, State, rejection::JsonRejection, rejection::PathRejection},
+    extract::{DefaultBodyLimit, Path, State, rejection::JsonRejection, rejection::PathRejection},
     http::{HeaderMap, StatusCode},
     routing::{get, post},
 };
@@ -13,12 +14,18 @@ use uuid::Uuid;
 
 use super::ApiError;
 use crate::{
-    domain::{AmountCents, CustomerEmail, EventId, Order, OrderId, PaymentId},
+    domain::{AmountCents, CustomerEmail, EventId, Order, OrderId, PaymentId, ShippingAddress},
     store::{
         DbPool, StoreError,
         orders::{self, ChangeOrderError},
     },
 };
+
+/// The largest request body read. An order is a few hundred bytes (the longest
+/// field, the shipping address, is at most 1000 characters); 64 KiB leaves ample
+/// room, while a client cannot make us buffer megabytes per connection (at most
+/// `http.max_connections` x 64 KiB in all). axum's default would be 2 MB.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
 pub fn router(db: DbPool) -> Router {
     Router::new()
@@ -27,6 +34,10 @@ pub fn router(db: DbPool) -> Router {
         .route("/orders/{id}/cancel", post(cancel))
         .route("/orders/{id}/ship", post(ship))
         .route("/healthz", get(|| async { "ok" }))
+        // After the routes: it applies to the routes registered before it.
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .fallback(|| async { ApiError::NotFound("no such route".to_owned()) })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(db)
 }
 
@@ -46,9 +57,21 @@ pub struct CanceledResponse {
     pub event_id: EventId,
 }
 
+/// The body as `T`, or the 4xx axum's rejection stands for: 422 for a missing
+/// or wrong-typed field (its text names the field), 413, 415, and 400 for
+/// malformed JSON or anything else wrong with the body.
 fn parse_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
     body.map(|Json(value)| value)
-        .map_err(|rejection| ApiError::BadRequest(rejection.body_text()))
+        .map_err(|rejection| match rejection.status() {
+            StatusCode::UNPROCESSABLE_ENTITY => ApiError::Unprocessable(rejection.body_text()),
+            StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge(MAX_BODY_BYTES),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => {
+                ApiError::UnsupportedMediaType(rejection.body_text())
+            }
+            // Whatever else is wrong with a body is the client's doing too:
+            // never a 5xx.
+            _ => ApiError::BadRequest(rejection.body_text()),
+        })
 }
 
 fn parse_id(id: Result<Path<String>, PathRejection>) -> Result<OrderId, ApiError> {
@@ -78,7 +101,12 @@ async fn create(
         PaymentId::parse(&request.payment_id).map_err(invalid)?,
         AmountCents::parse(request.amount_cents).map_err(invalid)?,
         CustomerEmail::parse(&request.customer_email).map_err(invalid)?,
-        request.shipping_address,
+        request
+            .shipping_address
+            .as_deref()
+            .map(ShippingAddress::parse)
+            .transpose()
+            .map_err(invalid)?,
         Utc::now(),
     );
     let mut conn = db.get().await.map_err(StoreError::from)?;

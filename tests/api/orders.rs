@@ -7,7 +7,7 @@ use courier::{
 };
 use serde_json::{Value, json};
 
-use crate::helpers::TestEnv;
+use crate::helpers::{Service, TestEnv};
 
 #[tokio::test]
 async fn an_order_and_its_event_commit_together() {
@@ -188,8 +188,255 @@ async fn a_bad_order_request_is_a_4xx_that_says_what_is_wrong() {
         "{body}"
     );
     let (status, body) = post(format!("{base}/orders"), Some(json!({"payment_id": 7}))).await;
-    assert!(status == 400 || status == 422, "{status} {body}");
-    assert!(body["error"].is_string(), "{body}");
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("payment_id")),
+        "{body}"
+    );
     assert_eq!(env.count("SELECT count(*) FROM orders").await, 0);
     producer.stop().await.unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// A fresh environment with its order API running, and the API's base URL.
+async fn api() -> (TestEnv, Service, String) {
+    let env = TestEnv::new().await;
+    let producer = env.start_producer().await;
+    let base = format!("http://{}", producer.addr);
+    (env, producer, base)
+}
+
+/// The status and the `error` text of a 4xx answer, which must be JSON.
+async fn refusal(request: reqwest::RequestBuilder) -> anyhow::Result<(u16, String)> {
+    let response = request.send().await?;
+    let status = response.status().as_u16();
+    let body: Value = response.json().await?;
+    let Some(error) = body["error"].as_str() else {
+        anyhow::bail!("{status} without an `error` text: {body}");
+    };
+    Ok((status, error.to_owned()))
+}
+
+fn order_with(field: &str, value: Value) -> Value {
+    let mut order = json!({
+        "payment_id": "pay-hostile-1",
+        "amount_cents": 1500,
+        "customer_email": "bo@example.org",
+        "shipping_address": "1 Main St",
+    });
+    order[field] = value;
+    order
+}
+
+#[tokio::test]
+async fn a_nul_character_in_customer_email_is_a_422_naming_the_field() -> anyhow::Result<()> {
+    let (env, api, base) = api().await;
+    let order = order_with("customer_email", json!("bo\u{0}@example.org"));
+    let (status, error) = refusal(
+        reqwest::Client::new()
+            .post(format!("{base}/orders"))
+            .json(&order),
+    )
+    .await?;
+    assert_eq!(status, 422, "{error}");
+    assert!(error.contains("customer_email"), "{error}");
+    assert_eq!(env.count("SELECT count(*) FROM orders").await, 0);
+    api.stop().await
+}
+
+#[tokio::test]
+async fn a_nul_character_in_shipping_address_is_a_422_naming_the_field() -> anyhow::Result<()> {
+    let (env, api, base) = api().await;
+    let order = order_with("shipping_address", json!("1 Main St\u{0}"));
+    let (status, error) = refusal(
+        reqwest::Client::new()
+            .post(format!("{base}/orders"))
+            .json(&order),
+    )
+    .await?;
+    assert_eq!(status, 422, "{error}");
+    assert!(error.contains("shipping_address"), "{error}");
+    assert_eq!(env.count("SELECT count(*) FROM orders").await, 0);
+    api.stop().await
+}
+
+#[tokio::test]
+async fn control_characters_in_any_text_field_are_a_422_naming_the_field() -> anyhow::Result<()> {
+    let (env, api, base) = api().await;
+    let client = reqwest::Client::new();
+    for (field, valid) in [
+        ("payment_id", "pay-1"),
+        ("customer_email", "bo@example.org"),
+        ("shipping_address", "1 Main St"),
+    ] {
+        // NUL, escape and delete, at the end where a careless check stops looking.
+        for control in ['\u{0}', '\u{1b}', '\u{7f}'] {
+            let order = order_with(field, json!(format!("{valid}{control}")));
+            let (status, error) =
+                refusal(client.post(format!("{base}/orders")).json(&order)).await?;
+            assert_eq!(status, 422, "{field} {control:?}: {error}");
+            assert!(error.contains(field), "{field} {control:?}: {error}");
+        }
+    }
+    assert_eq!(env.count("SELECT count(*) FROM orders").await, 0);
+    api.stop().await
+}
+
+#[tokio::test]
+async fn a_wrong_typed_field_is_a_422_naming_the_field() -> anyhow::Result<()> {
+    let (env, api, base) = api().await;
+    let client = reqwest::Client::new();
+    for (field, value) in [
+        ("payment_id", json!(7)),
+        ("amount_cents", json!("1500")),
+        ("amount_cents", json!(1.5)),
+        ("customer_email", json!(["bo@example.org"])),
+        ("shipping_address", json!({"street": "1 Main St"})),
+    ] {
+        let order = order_with(field, value.clone());
+        let (status, error) = refusal(client.post(format!("{base}/orders")).json(&order)).await?;
+        assert_eq!(status, 422, "{field} = {value}: {error}");
+        assert!(error.contains(field), "{field} = {value}: {error}");
+    }
+    assert_eq!(env.count("SELECT count(*) FROM orders").await, 0);
+    api.stop().await
+}
+
+#[tokio::test]
+async fn a_missing_field_is_a_422_naming_it() -> anyhow::Result<()> {
+    let (env, api, base) = api().await;
+    let client = reqwest::Client::new();
+    for field in ["payment_id", "amount_cents", "customer_email"] {
+        let mut order = order_with(field, Value::Null);
+        if let Some(order) = order.as_object_mut() {
+            order.remove(field);
+        }
+        let (status, error) = refusal(client.post(format!("{base}/orders")).json(&order)).await?;
+        assert_eq!(status, 422, "without {field}: {error}");
+        assert!(error.contains(field), "without {field}: {error}");
+    }
+    assert_eq!(env.count("SELECT count(*) FROM orders").await, 0);
+    api.stop().await
+}
+
+#[tokio::test]
+async fn malformed_json_is_a_400() -> anyhow::Result<()> {
+    let (env, api, base) = api().await;
+    let client = reqwest::Client::new();
+    for body in [
+        &b"{\"payment_id\": \"pay-1\","[..],
+        b"not json",
+        b"",
+        b"{\"payment_id\": \"\xff\"}",
+    ] {
+        let request = client
+            .post(format!("{base}/orders"))
+            .header("content-type", "application/json")
+            .body(body.to_vec());
+        let (status, error) = refusal(request).await?;
+        assert_eq!(status, 400, "{:?}: {error}", String::from_utf8_lossy(body));
+    }
+    assert_eq!(env.count("SELECT count(*) FROM orders").await, 0);
+    api.stop().await
+}
+
+#[tokio::test]
+async fn an_oversize_body_is_a_413() -> anyhow::Result<()> {
+    let (env, api, base) = api().await;
+    let huge = "x".repeat(10 * 1024 * 1024);
+    let order = order_with("shipping_address", json!(huge));
+    let (status, error) = refusal(
+        reqwest::Client::new()
+            .post(format!("{base}/orders"))
+            .json(&order),
+    )
+    .await?;
+    assert_eq!(status, 413, "{error}");
+    assert!(
+        error.contains(&courier::http::MAX_BODY_BYTES.to_string()),
+        "{error}"
+    );
+    assert_eq!(env.count("SELECT count(*) FROM orders").await, 0);
+    api.stop().await
+}
+
+#[tokio::test]
+async fn a_wrong_content_type_is_a_415() -> anyhow::Result<()> {
+    let (env, api, base) = api().await;
+    let client = reqwest::Client::new();
+    let order = order_with("payment_id", json!("pay-form-1")).to_string();
+    for content_type in [
+        Some("text/plain"),
+        Some("application/x-www-form-urlencoded"),
+        None,
+    ] {
+        let mut request = client.post(format!("{base}/orders")).body(order.clone());
+        if let Some(content_type) = content_type {
+            request = request.header("content-type", content_type);
+        }
+        let (status, error) = refusal(request).await?;
+        assert_eq!(status, 415, "{content_type:?}: {error}");
+        assert!(
+            error.contains("application/json"),
+            "{content_type:?}: {error}"
+        );
+    }
+    assert_eq!(env.count("SELECT count(*) FROM orders").await, 0);
+    api.stop().await
+}
+
+#[tokio::test]
+async fn an_unknown_route_is_a_404_with_a_json_body() -> anyhow::Result<()> {
+    let (_env, api, base) = api().await;
+    let client = reqwest::Client::new();
+    for path in ["/nope", "/orders/x/y/z", "/healthz/", "/%00"] {
+        let (status, error) = refusal(client.get(format!("{base}{path}"))).await?;
+        assert_eq!(status, 404, "{path}: {error}");
+        assert!(error.contains("no such route"), "{path}: {error}");
+    }
+    api.stop().await
+}
+
+#[tokio::test]
+async fn a_wrong_method_is_a_405_with_a_json_body() -> anyhow::Result<()> {
+    let (_env, api, base) = api().await;
+    let client = reqwest::Client::new();
+    for (method, path, allowed) in [
+        (reqwest::Method::GET, "/orders", "POST"),
+        (
+            reqwest::Method::DELETE,
+            "/orders/0190f0f0-0000-7000-8000-000000000000",
+            "GET",
+        ),
+        (
+            reqwest::Method::GET,
+            "/orders/0190f0f0-0000-7000-8000-000000000000/cancel",
+            "POST",
+        ),
+        (reqwest::Method::POST, "/healthz", "GET"),
+    ] {
+        let response = client
+            .request(method.clone(), format!("{base}{path}"))
+            .send()
+            .await?;
+        assert_eq!(response.status().as_u16(), 405, "{method} {path}");
+        let allow = response
+            .headers()
+            .get("allow")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        assert!(
+            allow.as_deref().is_some_and(|a| a.contains(allowed)),
+            "{method} {path}: Allow {allow:?}"
+        );
+        let body: Value = response.json().await?;
+        assert!(
+            body["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("not allowed")),
+            "{method} {path}: {body}"
+        );
+    }
+    api.stop().await
 }
