@@ -5,13 +5,16 @@
 #
 #   scripts/setup.sh [--no-migrate]
 #
+# --no-migrate skips what needs the courier binary: the migrations and
+# `courier broker apply` (the service users, their grants and the topology).
+#
 # Settings come from config/default.toml < config/$COURIER_ENV.toml (default
 # `local`) < COURIER__DATABASE__USER/PASSWORD/NAME/HOST/PORT and
 # COURIER__AMQP__VHOST, the same layering as the binaries. The broker is
 # administered with RABBITMQ_ADMIN_USER/RABBITMQ_ADMIN_PASSWORD (guest/guest).
 set -euo pipefail
 
-usage() { sed -n '2,11s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; }
+usage() { sed -n '2,14s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; }
 
 migrate=1
 for arg in "$@"; do
@@ -183,15 +186,8 @@ else
     step "rabbitmq: creating vhost $AMQP_VHOST"
     mgmt PUT "/vhosts/$vhost_path" '{}'
 fi
-mgmt PUT "/permissions/$vhost_path/$(urlencode "$MGMT_USER")" '{"configure":".*","write":".*","read":".*"}'
-step "rabbitmq: $MGMT_USER has full permissions on $AMQP_VHOST"
-
-definitions=$CONFIG_DIR/rabbitmq-definitions.json
-if [[ -f $definitions ]]; then
-    # Through stdin: the CLI runs as the rabbitmq user, who may not be able to read this checkout.
-    rmqctl -q import_definitions --format json <"$definitions" >/dev/null
-    step "rabbitmq: imported $definitions"
-fi
+# The service users, their grants and the topology are made by
+# `courier broker apply` after the migrations below (it needs the binary).
 
 # --- PostgreSQL role and database -----------------------------------------------
 # The password travels as a psql variable and is quoted by psql (:'pw'), never
@@ -244,12 +240,14 @@ if ((migrate)); then
     command -v cargo >/dev/null 2>&1 || die "cargo not found: install Rust (https://rustup.rs) or run with --no-migrate"
     step "migrations: cargo run --release --bin courier -- migrate"
     cargo run --quiet --release --bin courier -- migrate
+    # One user per service with the narrowest grant, the operator user, and
+    # the topology declared as the operator (passwords from the same config).
+    step "rabbitmq: courier broker apply (users, permissions, topology)"
+    RABBITMQ_ADMIN_USER=$MGMT_USER RABBITMQ_ADMIN_PASSWORD=$MGMT_PASSWORD \
+        cargo run --quiet --release --bin courier -- broker apply
+    OPERATOR_USER=${COURIER__AMQP__OPERATOR__USER-$(toml_get amqp.operator user)}
+    step "ready: management UI $MGMT_URL (log in as ${OPERATOR_USER:-courier-operator}, vhost $AMQP_VHOST)"
 else
-    step "migrations: skipped (--no-migrate)"
-fi
-
-if [[ -z ${RABBITMQ_ADMIN_PASSWORD:-} ]]; then
-    step "ready: management UI $MGMT_URL ($MGMT_USER/$MGMT_PASSWORD, vhost $AMQP_VHOST)"
-else
-    step "ready: management UI $MGMT_URL (user $MGMT_USER, vhost $AMQP_VHOST)"
+    step "migrations, broker users and topology: skipped (--no-migrate)"
+    step "ready: management UI $MGMT_URL (vhost $AMQP_VHOST)"
 fi

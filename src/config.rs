@@ -21,6 +21,16 @@ pub enum ConfigError {
     Load(#[from] Box<figment::Error>),
     #[error("configuration key `{key}` is invalid: {reason}")]
     Invalid { key: String, reason: String },
+    /// The broker refused this service's user: a missing grant or a wrong
+    /// password, which no retry can fix.
+    #[error(
+        "broker user `{user}` (amqp.{role}) was refused: {detail}; grant it with `courier broker apply` (scripts/setup.sh runs it) or fix amqp.{role}.user/password"
+    )]
+    BrokerAccess {
+        user: String,
+        role: &'static str,
+        detail: String,
+    },
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -36,6 +46,7 @@ pub struct Settings {
     pub gateway_simulator: GatewaySimulatorSettings,
     pub notifications: NotificationSettings,
     pub shutdown: ShutdownSettings,
+    pub http: HttpSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -44,6 +55,7 @@ pub struct DatabaseSettings {
     pub host: String,
     pub port: u16,
     pub user: String,
+    #[serde(deserialize_with = "secret")]
     pub password: SecretString,
     pub name: String,
     pub pool_size: usize,
@@ -76,20 +88,35 @@ impl DatabaseSettings {
 pub struct AmqpSettings {
     pub host: String,
     pub port: u16,
-    pub user: String,
-    pub password: SecretString,
     pub vhost: String,
     #[serde(with = "humantime_serde")]
     pub heartbeat: Duration,
+    /// The management API (users, permissions, the operator's reads).
+    pub management_url: String,
+    /// One broker user per service, each with the narrowest permissions that
+    /// work ([`crate::amqp::permissions`]).
+    pub producer: BrokerUser,
+    pub consumer: BrokerUser,
+    /// Declares the topology, reads dead letters, runs checks.
+    pub operator: BrokerUser,
+}
+
+/// A broker login.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerUser {
+    pub user: String,
+    #[serde(deserialize_with = "secret")]
+    pub password: SecretString,
 }
 
 impl AmqpSettings {
-    /// The AMQP URI, password included: hand it to the client, never to a log.
-    pub fn uri(&self) -> String {
+    /// The AMQP URI for `who`, password included: hand it to the client, never to a log.
+    pub fn uri_as(&self, who: &BrokerUser) -> String {
         format!(
             "amqp://{}:{}@{}:{}/{}?heartbeat={}",
-            percent_encode(&self.user),
-            percent_encode(self.password.expose_secret()),
+            percent_encode(&who.user),
+            percent_encode(who.password.expose_secret()),
             self.host,
             self.port,
             percent_encode(&self.vhost),
@@ -97,11 +124,11 @@ impl AmqpSettings {
         )
     }
 
-    /// Where the broker is, for log lines and errors.
-    pub fn display_addr(&self) -> String {
+    /// Where the broker is and who connects, for log lines and errors.
+    pub fn display_addr_as(&self, who: &BrokerUser) -> String {
         format!(
             "amqp://{}@{}:{}/{}",
-            self.user, self.host, self.port, self.vhost
+            who.user, self.host, self.port, self.vhost
         )
     }
 }
@@ -194,6 +221,25 @@ pub struct ShutdownSettings {
     pub deadline: Duration,
 }
 
+/// How every HTTP server of ours (the order API, the consumer's /stats, the
+/// gateway simulator) treats connections, so that slow or idle clients cannot
+/// hold them: see [`crate::http::serve`].
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    /// The longest a client may take to send a request's head, counted from
+    /// the connection's accept or from the end of the previous response.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// The longest a connection may go without a byte read or written while
+    /// the server waits on it (a body that stops arriving, a response the
+    /// client stops reading).
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Connections served at once; further ones wait in the listen backlog.
+    pub max_connections: usize,
+}
+
 /// The known consumer workers; `consumer.workers` may name only these.
 pub const KNOWN_WORKERS: &[&str] = &["refunds", "notifications"];
 
@@ -212,11 +258,44 @@ impl Settings {
     }
 
     /// The layered sources, before extraction; tests merge their overrides on top.
+    ///
+    /// Secrets are taken from the environment as they are: figment's `Env`
+    /// would read `007` as the number 7 and `true` as a boolean.
     pub fn figment(dir: &std::path::Path, environment: &str) -> Figment {
-        Figment::new()
+        let secrets = std::env::vars_os()
+            .filter_map(|(key, value)| Some((key.into_string().ok()?, value.into_string().ok()?)));
+        Self::figment_with_secrets(dir, environment, secrets)
+    }
+
+    /// [`Settings::figment`] with the `COURIER__…PASSWORD` variables given
+    /// rather than read from the process environment (tests).
+    pub fn figment_with_secrets(
+        dir: &std::path::Path,
+        environment: &str,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Figment {
+        let mut figment = Figment::new()
             .merge(Toml::file_exact(dir.join("default.toml")))
             .merge(Toml::file(dir.join(format!("{environment}.toml"))))
-            .merge(Env::prefixed("COURIER__").split("__").lowercase(true))
+            .merge(
+                Env::prefixed(ENV_PREFIX)
+                    .filter(|key| !is_secret_key(key.as_str()))
+                    .split("__")
+                    .lowercase(true),
+            );
+        for (key, value) in vars {
+            if let Some(path) = key.strip_prefix(ENV_PREFIX)
+                && is_secret_key(path)
+            {
+                let path = path
+                    .split("__")
+                    .collect::<Vec<_>>()
+                    .join(".")
+                    .to_lowercase();
+                figment = figment.merge(figment::providers::Serialized::default(&path, &value));
+            }
+        }
+        figment
     }
 
     pub fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
@@ -229,9 +308,19 @@ impl Settings {
                 .as_ref()
                 .map(|m| format!(" (from {})", m.name))
                 .unwrap_or_default();
+            let key = error.path.join(".").to_lowercase();
+            // A type error's text quotes the value: never for a secret.
+            let reason = if is_secret_key(&key) {
+                match error.kind {
+                    figment::error::Kind::MissingField(_) => "is missing".to_owned(),
+                    _ => "is not a valid secret (its value is not shown)".to_owned(),
+                }
+            } else {
+                error.kind.to_string()
+            };
             ConfigError::Invalid {
-                key: error.path.join(".").to_lowercase(),
-                reason: format!("{}{source}", error.kind),
+                key,
+                reason: format!("{reason}{source}"),
             }
         })?;
         settings.validate()?;
@@ -295,8 +384,45 @@ impl Settings {
         if !self.gateway.url.starts_with("http://") && !self.gateway.url.starts_with("https://") {
             return invalid("gateway.url", "must start with http:// or https://");
         }
+        if self.http.header_read_timeout.is_zero() {
+            return invalid("http.header_read_timeout", "must be longer than 0");
+        }
+        if self.http.idle_timeout.is_zero() {
+            return invalid("http.idle_timeout", "must be longer than 0");
+        }
+        if self.http.max_connections == 0 {
+            return invalid("http.max_connections", "must be at least 1");
+        }
         Ok(())
     }
+}
+
+const ENV_PREFIX: &str = "COURIER__";
+
+/// Keys whose values are secrets: taken verbatim, never echoed.
+fn is_secret_key(key: &str) -> bool {
+    key.to_ascii_lowercase().ends_with("password")
+}
+
+/// A secret may be written as any TOML scalar; it is kept as text.
+fn secret<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SecretString, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Scalar {
+        Text(String),
+        Integer(i64),
+        Unsigned(u64),
+        Float(f64),
+        Boolean(bool),
+    }
+    let text = match Scalar::deserialize(d)? {
+        Scalar::Text(text) => text,
+        Scalar::Integer(n) => n.to_string(),
+        Scalar::Unsigned(n) => n.to_string(),
+        Scalar::Float(x) => x.to_string(),
+        Scalar::Boolean(b) => b.to_string(),
+    };
+    Ok(SecretString::from(text))
 }
 
 fn durations<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
@@ -307,7 +433,9 @@ fn durations<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D:
         .collect())
 }
 
-fn percent_encode(raw: &str) -> String {
+/// Percent-encodes everything but RFC 3986's unreserved characters: for one
+/// URI userinfo part or one URL path segment.
+pub fn percent_encode(raw: &str) -> String {
     let mut out = String::with_capacity(raw.len());
     for byte in raw.bytes() {
         if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b'~') {
@@ -364,6 +492,30 @@ mod tests {
     }
 
     #[test]
+    fn zero_http_limits_are_invalid_naming_their_key() {
+        let zero = |key: &str, value: figment::value::Value| {
+            defaults().merge(Serialized::default(key, value))
+        };
+        for (key, figment) in [
+            (
+                "http.header_read_timeout",
+                zero("http.header_read_timeout", "0s".into()),
+            ),
+            ("http.idle_timeout", zero("http.idle_timeout", "0s".into())),
+            (
+                "http.max_connections",
+                zero("http.max_connections", 0.into()),
+            ),
+        ] {
+            let error = Settings::from_figment(figment).err().map(|e| e.to_string());
+            assert!(
+                error.as_deref().is_some_and(|e| e.contains(key)),
+                "{key}: {error:?}"
+            );
+        }
+    }
+
+    #[test]
     fn passwords_never_appear_in_debug_output() {
         let settings = Settings::from_figment(defaults()).ok();
         let debug = format!("{settings:?}");
@@ -376,6 +528,61 @@ mod tests {
         let Some(settings) = Settings::from_figment(defaults()).ok() else {
             panic!("default settings must load");
         };
-        assert!(settings.amqp.uri().contains(":5672/courier?"));
+        assert!(
+            settings
+                .amqp
+                .uri_as(&settings.amqp.producer)
+                .contains(":5672/courier?")
+        );
+    }
+
+    fn with_secret(value: &str) -> Result<Settings, ConfigError> {
+        Settings::from_figment(Settings::figment_with_secrets(
+            &PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config"),
+            "none",
+            [(
+                "COURIER__AMQP__CONSUMER__PASSWORD".to_owned(),
+                value.to_owned(),
+            )],
+        ))
+    }
+
+    #[test]
+    fn a_password_of_any_form_is_taken_verbatim() {
+        for password in [
+            "8675309123",
+            "007",
+            "true",
+            "1.50",
+            "#not-a-comment",
+            "\"'q",
+            "pässwörd✓",
+            "",
+        ] {
+            let settings = with_secret(password);
+            assert_eq!(
+                settings
+                    .as_ref()
+                    .ok()
+                    .map(|s| s.amqp.consumer.password.expose_secret().to_owned()),
+                Some(password.to_owned()),
+                "{password:?}: {:?}",
+                settings.err()
+            );
+        }
+    }
+
+    #[test]
+    fn a_config_error_about_a_secret_names_the_key_and_never_the_value() {
+        let figment = defaults().merge(Serialized::default(
+            "database.password",
+            vec!["hunter2-in-a-list"],
+        ));
+        let error = Settings::from_figment(figment)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(error.contains("database.password"), "{error}");
+        assert!(!error.contains("hunter2"), "{error}");
     }
 }

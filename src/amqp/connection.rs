@@ -5,15 +5,20 @@
 use deadpool_lapin::{Config, Runtime};
 use lapin::{ConnectionProperties, types::LongString};
 
-use crate::config::AmqpSettings;
+use crate::config::{AmqpSettings, BrokerUser};
 
 pub type BrokerPool = deadpool_lapin::Pool;
 
-/// Builds a lazily connecting pool; `name` shows up as the connection name.
-pub fn broker_pool(settings: &AmqpSettings, name: &str) -> anyhow::Result<BrokerPool> {
+/// Builds a lazily connecting pool that logs in as `who`; `name` shows up as
+/// the connection name.
+pub fn broker_pool(
+    settings: &AmqpSettings,
+    who: &BrokerUser,
+    name: &str,
+) -> anyhow::Result<BrokerPool> {
     let name: LongString = name.to_owned().into();
     let config = Config {
-        url: Some(settings.uri()),
+        url: Some(settings.uri_as(who)),
         pool: Some(deadpool_lapin::PoolConfig::new(4)),
     };
     config
@@ -24,7 +29,15 @@ pub fn broker_pool(settings: &AmqpSettings, name: &str) -> anyhow::Result<Broker
         .map_err(|e| {
             anyhow::anyhow!(
                 "cannot build the broker pool for {}: {e}",
-                settings.display_addr()
+                settings.display_addr_as(who)
             )
         })
+}
+
+/// The broker's own words when it refused a login or an operation for lack
+/// of permission (403 ACCESS_REFUSED, on the connection or a channel). No
+/// reconnect fixes that: it is a configuration error, never an outage.
+pub fn access_refused(error: &dyn std::fmt::Display) -> Option<String> {
+    let text = error.to_string();
+    text.find("ACCESS_REFUSED").map(|at| text[at..].to_owned())
 }

@@ -4,9 +4,12 @@
 
 pub mod connection;
 pub mod envelope;
+pub mod management;
+pub mod permissions;
+pub mod provision;
 pub mod publisher;
 pub mod topology;
 
-pub use connection::{BrokerPool, broker_pool};
+pub use connection::{BrokerPool, access_refused, broker_pool};
 pub use publisher::{ConfirmedPublisher, PublishError};
 pub use topology::{Topology, WorkerQueues};

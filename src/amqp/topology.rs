@@ -41,6 +41,14 @@ impl WorkerQueues {
         dead_letter_queue(&self.name)
     }
 
+    /// The direct exchange the consumer publishes its retry and dead-letter
+    /// copies through, routed by the target queue's name. Its own exchange,
+    /// not the default one: write permission on the default exchange would
+    /// reach every queue, the work queues included.
+    pub fn failures_exchange(&self) -> String {
+        format!("{}.failures", self.name)
+    }
+
     /// `refunds.retry.10s`: the tier's delay is in the name, visible in the management UI.
     pub fn retry(&self, tier: usize) -> Option<String> {
         self.retry_delays
@@ -90,7 +98,37 @@ impl Topology {
         self.workers.iter().find(|w| w.name == name)
     }
 
-    /// Declares exchanges, queues and bindings. Safe to call again; fails with
+    /// Checks, without changing anything, that the exchange the relay
+    /// publishes to exists. Passive declares need no permission, so a service
+    /// user that may configure nothing can still tell a missing topology
+    /// (404 NOT_FOUND) from a refused one (403 ACCESS_REFUSED).
+    pub async fn verify_for_relay(&self, channel: &Channel) -> Result<(), lapin::Error> {
+        passive_exchange(channel, &self.events_exchange).await
+    }
+
+    /// Checks that a worker's work queue and failures exchange exist.
+    pub async fn verify_for_worker(
+        &self,
+        channel: &Channel,
+        worker: &WorkerQueues,
+    ) -> Result<(), lapin::Error> {
+        passive_exchange(channel, &worker.failures_exchange()).await?;
+        channel
+            .queue_declare(
+                worker.work().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Declares exchanges, queues and bindings: the operator's job (`courier
+    /// topology apply`, run by scripts/setup.sh), not the services', which
+    /// may configure nothing. Safe to call again; fails with
     /// PRECONDITION_FAILED if an object exists with other arguments.
     pub async fn declare(&self, channel: &Channel) -> Result<(), lapin::Error> {
         let durable = ExchangeDeclareOptions {
@@ -129,7 +167,22 @@ impl Topology {
             .await?;
 
         for worker in &self.workers {
+            channel
+                .exchange_declare(
+                    worker.failures_exchange().as_str().into(),
+                    ExchangeKind::Direct,
+                    durable,
+                    FieldTable::default(),
+                )
+                .await?;
             declare_queue(channel, &worker.dead(), quorum_args()).await?;
+            bind(
+                channel,
+                &worker.dead(),
+                &worker.failures_exchange(),
+                &worker.dead(),
+            )
+            .await?;
             for (tier, delay) in worker.retry_delays.iter().enumerate() {
                 let Some(name) = worker.retry(tier) else {
                     continue;
@@ -140,6 +193,7 @@ impl Topology {
                     AMQPValue::LongLongInt(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
                 );
                 declare_queue(channel, &name, args).await?;
+                bind(channel, &name, &worker.failures_exchange(), &name).await?;
             }
             let mut args = dead_lettering_args(&worker.dead());
             args.insert(
@@ -159,6 +213,20 @@ impl Topology {
         }
         Ok(())
     }
+}
+
+async fn passive_exchange(channel: &Channel, name: &str) -> Result<(), lapin::Error> {
+    channel
+        .exchange_declare(
+            name.into(),
+            ExchangeKind::Direct,
+            ExchangeDeclareOptions {
+                passive: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
 }
 
 fn long_string(value: &str) -> AMQPValue {
@@ -246,5 +314,6 @@ mod tests {
         );
         assert_eq!(worker.retry(3), None);
         assert_eq!(worker.dead(), "refunds.dead");
+        assert_eq!(worker.failures_exchange(), "refunds.failures");
     }
 }

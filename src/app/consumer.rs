@@ -7,30 +7,59 @@ use axum::{Json, Router, routing::get};
 use tokio::{net::TcpListener, task::JoinSet};
 
 use crate::{
-    amqp::{Topology, broker_pool},
-    config::Settings,
-    consume::{ConsumerStats, Worker, WorkerConfig, WorkerStats},
+    amqp::{BrokerPool, Topology, broker_pool},
+    config::{ConfigError, Settings},
+    consume::{ConsumerStats, Worker, WorkerConfig, WorkerError, WorkerStats},
     gateway::client::GatewayClient,
     handlers::{
+        Handler,
         notification::{NotificationHandler, Sender},
         refund::RefundHandler,
     },
     shutdown::Shutdown,
-    store,
+    store::{self, DbPool},
 };
 
 pub const APP_ID: &str = "courier-consumer";
 
+/// What each worker task needs besides its handler.
+struct Spawner<'a> {
+    workers: &'a mut JoinSet<Result<(), WorkerError>>,
+    db: &'a DbPool,
+    broker: &'a BrokerPool,
+    shutdown: &'a Shutdown,
+}
+
+impl Spawner<'_> {
+    fn spawn<H: Handler>(&mut self, config: WorkerConfig, handler: H, stats: Arc<WorkerStats>) {
+        let worker = Worker::new(
+            config,
+            Arc::new(handler),
+            self.db.clone(),
+            self.broker.clone(),
+            stats,
+        );
+        self.workers.spawn(worker.run(self.shutdown.clone()));
+    }
+}
+
 /// Runs every worker named in `consumer.workers` until `shutdown`, and serves
-/// `GET /stats` and `GET /healthz` on `stats_listener`.
+/// `GET /stats` and `GET /healthz` on `stats_listener`. If the broker refuses
+/// the consumer's user, every worker stops and this returns a [`ConfigError`].
 pub async fn run_until_stopped(
     settings: Settings,
     stats_listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let shutdown = Shutdown::on(shutdown);
+    let (refused_tx, refused_rx) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = Shutdown::on(async move {
+        tokio::select! {
+            () = shutdown => {}
+            _ = refused_rx => {}
+        }
+    });
     let db = store::pool(&settings.database)?;
-    let broker = broker_pool(&settings.amqp, APP_ID)?;
+    let broker = broker_pool(&settings.amqp, &settings.amqp.consumer, APP_ID)?;
     let topology = Topology::from_settings(&settings.topology);
     let mut stats = ConsumerStats::default();
     let mut workers = JoinSet::new();
@@ -48,33 +77,26 @@ pub async fn run_until_stopped(
             publish_timeout: settings.relay.confirm_timeout,
             shutdown_deadline: settings.shutdown.deadline,
         };
+        let mut spawner = Spawner {
+            workers: &mut workers,
+            db: &db,
+            broker: &broker,
+            shutdown: &shutdown,
+        };
         match name.as_str() {
-            crate::handlers::refund::NAME => {
-                let handler =
-                    RefundHandler::new(db.clone(), GatewayClient::new(&settings.gateway)?);
-                let worker = Worker::new(
-                    config,
-                    Arc::new(handler),
-                    db.clone(),
-                    broker.clone(),
-                    worker_stats,
-                );
-                workers.spawn(worker.run(shutdown.clone()));
-            }
-            crate::handlers::notification::NAME => {
-                let handler = NotificationHandler::new(
+            crate::handlers::refund::NAME => spawner.spawn(
+                config,
+                RefundHandler::new(db.clone(), GatewayClient::new(&settings.gateway)?),
+                worker_stats,
+            ),
+            crate::handlers::notification::NAME => spawner.spawn(
+                config,
+                NotificationHandler::new(
                     db.clone(),
                     Sender::from_settings(&settings.notifications)?,
-                );
-                let worker = Worker::new(
-                    config,
-                    Arc::new(handler),
-                    db.clone(),
-                    broker.clone(),
-                    worker_stats,
-                );
-                workers.spawn(worker.run(shutdown.clone()));
-            }
+                ),
+                worker_stats,
+            ),
             other => {
                 anyhow::bail!("configuration key `consumer.workers` names unknown worker `{other}`")
             }
@@ -84,7 +106,7 @@ pub async fn run_until_stopped(
     tracing::info!(
         workers = ?settings.consumer.workers,
         stats = %stats_listener.local_addr()?,
-        broker = %settings.amqp.display_addr(),
+        broker = %settings.amqp.display_addr_as(&settings.amqp.consumer),
         "consumer up"
     );
     let stats_for_route = stats.clone();
@@ -98,14 +120,34 @@ pub async fn run_until_stopped(
         )
         .route("/healthz", get(|| async { "ok" }));
     let stats_shutdown = shutdown.clone();
+    let http_settings = settings.http.clone();
     let server = tokio::spawn(async move {
-        axum::serve(stats_listener, router)
-            .with_graceful_shutdown(async move { stats_shutdown.wait().await })
-            .await
+        crate::http::serve(stats_listener, router, &http_settings, async move {
+            stats_shutdown.wait().await;
+        })
+        .await
     });
 
-    while workers.join_next().await.is_some() {}
+    let mut refused = None;
+    let mut refused_tx = Some(refused_tx);
+    while let Some(joined) = workers.join_next().await {
+        if let Ok(Err(WorkerError::AccessRefused(detail))) = joined {
+            // One worker refused is the whole service misconfigured: stop the rest.
+            if let Some(tx) = refused_tx.take() {
+                let _ = tx.send(());
+            }
+            refused.get_or_insert(detail);
+        }
+    }
     server.abort();
     tracing::info!(stats = ?stats.snapshot(), "consumer stopped");
-    Ok(())
+    match refused {
+        Some(detail) => Err(ConfigError::BrokerAccess {
+            user: settings.amqp.consumer.user.clone(),
+            role: "consumer",
+            detail,
+        }
+        .into()),
+        None => Ok(()),
+    }
 }

@@ -40,7 +40,12 @@ where
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!("{name} failed: {error:#}");
-            ExitCode::FAILURE
+            // A configuration error exits 2 whether found at start or by the broker.
+            if error.downcast_ref::<crate::config::ConfigError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -1,9 +1,21 @@
-//! The operator CLI: migrations, the ground-truth check and the demo.
+//! The operator CLI: migrations, broker provisioning, the ground-truth check
+//! and the demo.
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
-use clap::{Parser, Subcommand};
-use courier::{check, config::Settings, demo, store};
+use clap::{Args, Parser, Subcommand};
+use courier::{
+    amqp::{
+        Topology,
+        management::Management,
+        permissions::Permissions,
+        provision::{self, OPERATOR_TAGS},
+    },
+    check,
+    config::Settings,
+    demo, store,
+};
+use secrecy::SecretString;
 
 /// courier's operator tool.
 ///
@@ -20,6 +32,16 @@ struct Cli {
 enum Command {
     /// Apply pending database migrations (safe to run again).
     Migrate,
+    /// The broker's users and permissions (run by scripts/setup.sh).
+    Broker {
+        #[command(subcommand)]
+        command: BrokerCommand,
+    },
+    /// The broker's exchanges, queues and bindings.
+    Topology {
+        #[command(subcommand)]
+        command: TopologyCommand,
+    },
     /// Compare ground truth now: every canceled order vs refunds in the
     /// database vs the payment gateway's ledger vs `refunds.dead` vs pending
     /// outbox rows. Exits 1 if anything is lost, doubled or stuck (events
@@ -50,6 +72,40 @@ enum Command {
         #[arg(long, default_value = "http://127.0.0.1:15672")]
         management_url: String,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum BrokerCommand {
+    /// Create or update the vhost, one user per service (`amqp.producer`,
+    /// `amqp.consumer`) with the narrowest permissions that work, the
+    /// operator user (`amqp.operator`, tag `management`), and declare the
+    /// topology as the operator. Needs an administrator's login for the
+    /// management API. Safe to run again.
+    Apply(AdminLogin),
+    /// Print each user's grant (configure / write / read) on the vhost.
+    Permissions,
+}
+
+#[derive(Subcommand, Debug)]
+enum TopologyCommand {
+    /// Declare every exchange, queue and binding as the operator user (safe
+    /// to run again; fails naming the object whose arguments differ).
+    Apply,
+}
+
+/// An administrator of the broker, for the management API.
+#[derive(Args, Debug)]
+struct AdminLogin {
+    #[arg(long, env = "RABBITMQ_ADMIN_USER", default_value = "guest")]
+    admin_user: String,
+    #[arg(
+        long,
+        env = "RABBITMQ_ADMIN_PASSWORD",
+        default_value = "guest",
+        hide_default_value = true,
+        hide_env_values = true
+    )]
+    admin_password: String,
 }
 
 #[tokio::main]
@@ -88,6 +144,54 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Broker {
+            command: BrokerCommand::Apply(admin),
+        } => {
+            let management = Management::new(
+                &settings.amqp.management_url,
+                &admin.admin_user,
+                SecretString::from(admin.admin_password),
+            )?;
+            let topology = Topology::from_settings(&settings.topology);
+            provision::provision(&management, &settings.amqp, &topology).await?;
+            println!(
+                "vhost `{}`: users {}, {} and {} ({OPERATOR_TAGS}) granted; topology declared",
+                settings.amqp.vhost,
+                settings.amqp.producer.user,
+                settings.amqp.consumer.user,
+                settings.amqp.operator.user
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Broker {
+            command: BrokerCommand::Permissions,
+        } => {
+            let topology = Topology::from_settings(&settings.topology);
+            let amqp = &settings.amqp;
+            println!("vhost `{}`", amqp.vhost);
+            for (user, grant) in [
+                (&amqp.producer.user, Permissions::producer(&topology)),
+                (&amqp.consumer.user, Permissions::consumer(&topology)),
+                (&amqp.operator.user, Permissions::operator()),
+            ] {
+                println!(
+                    "  {user}\n    configure {}\n    write     {}\n    read      {}",
+                    grant.configure, grant.write, grant.read
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Topology {
+            command: TopologyCommand::Apply,
+        } => {
+            let topology = Topology::from_settings(&settings.topology);
+            provision::declare_topology(&settings.amqp, &topology).await?;
+            println!(
+                "topology declared on {}",
+                settings.amqp.display_addr_as(&settings.amqp.operator)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Check => {
             let mut db = store::connect(&settings.database.url()).await?;
             let (report, _) =
@@ -112,12 +216,19 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
                 "doubled                         {:>8}",
                 report.doubled.len()
             );
+            println!(
+                "refunds for no canceled order   {:>8}",
+                report.without_cancel.len()
+            );
             println!("stuck in the outbox             {:>8}", report.stuck);
             for order in report.lost.iter().take(20) {
                 println!("  lost: order {order}");
             }
             for order in report.doubled.iter().take(20) {
                 println!("  doubled: order {order}");
+            }
+            for key in report.without_cancel.iter().take(20) {
+                println!("  refunded without a canceled order: gateway key {key}");
             }
             Ok(if report.passed() {
                 ExitCode::SUCCESS

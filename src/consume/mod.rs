@@ -12,4 +12,4 @@ pub mod worker;
 pub use decision::{Decision, decide};
 pub use decode::{Decoded, decode};
 pub use stats::{ConsumerStats, WorkerStats};
-pub use worker::{Worker, WorkerConfig};
+pub use worker::{Worker, WorkerConfig, WorkerError};

@@ -31,7 +31,7 @@ use super::{
 };
 use crate::{
     amqp::{
-        BrokerPool, ConfirmedPublisher, Topology, WorkerQueues,
+        BrokerPool, ConfirmedPublisher, Topology, WorkerQueues, access_refused,
         envelope::{self, ErrorKind, FailureStamp},
     },
     config::ConsumerSettings,
@@ -80,6 +80,16 @@ enum SessionEnd {
     Shutdown,
     /// Stop taking deliveries until the database answers again.
     DatabaseDown,
+    /// The broker refused our user: stop the worker, no retry heals it.
+    AccessRefused(String),
+}
+
+/// Why a worker stopped before shutdown.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The broker's words, naming the user and the object refused.
+    #[error("{0}")]
+    AccessRefused(String),
 }
 
 struct Shared<H> {
@@ -92,6 +102,9 @@ struct Shared<H> {
     publish_timeout: Duration,
     stats: Arc<WorkerStats>,
     database_down: Notify,
+    /// Set once when the broker refuses a failure copy for lack of permission.
+    refused: std::sync::Mutex<Option<String>>,
+    refused_notify: Notify,
 }
 
 impl<H: Handler> Worker<H> {
@@ -114,12 +127,17 @@ impl<H: Handler> Worker<H> {
     /// Consumes until `shutdown`, reconnecting with backoff when the broker
     /// connection or channel is lost, and pausing while the database is down
     /// (deliveries go back to the queue without spending a retry tier).
-    pub async fn run(self, shutdown: Shutdown) {
+    /// Returns early only when the broker refuses our user.
+    pub async fn run(self, shutdown: Shutdown) -> Result<(), WorkerError> {
         let worker = self.config.queues.work().to_owned();
         let mut failures = 0u32;
         while !shutdown.is_triggered() {
             match self.session(&shutdown).await {
                 Ok(SessionEnd::Shutdown) => break,
+                Ok(SessionEnd::AccessRefused(refused)) => {
+                    tracing::error!(worker, %refused, "broker refused the consumer's user; stopping");
+                    return Err(WorkerError::AccessRefused(refused));
+                }
                 Ok(SessionEnd::DatabaseDown) => {
                     tracing::warn!(
                         worker,
@@ -131,6 +149,10 @@ impl<H: Handler> Worker<H> {
                     }
                 }
                 Err(error) => {
+                    if let Some(refused) = access_refused(&error) {
+                        tracing::error!(worker, %refused, "broker refused the consumer's user; stopping");
+                        return Err(WorkerError::AccessRefused(refused));
+                    }
                     let delay = reconnect_delay(failures);
                     failures = failures.saturating_add(1);
                     tracing::warn!(worker, %error, retry_in = ?delay, "consumer session ended; reconnecting");
@@ -141,6 +163,7 @@ impl<H: Handler> Worker<H> {
             failures = 0;
         }
         tracing::info!(worker, "worker stopped");
+        Ok(())
     }
 
     async fn wait_for_database(&self, shutdown: &Shutdown) {
@@ -166,7 +189,17 @@ impl<H: Handler> Worker<H> {
             .await
             .map_err(|e| anyhow::anyhow!("broker unavailable: {e}"))?;
         let channel = connection.create_channel().await?;
-        self.config.topology.declare(&channel).await?;
+        self.config
+            .topology
+            .verify_for_worker(&channel, &self.config.queues)
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "queue `{}` or exchange `{}` is missing (run `courier topology apply`): {e}",
+                    self.config.queues.work(),
+                    self.config.queues.failures_exchange()
+                )
+            })?;
         channel
             .basic_qos(self.config.settings.prefetch, BasicQosOptions::default())
             .await?;
@@ -197,6 +230,8 @@ impl<H: Handler> Worker<H> {
             publish_timeout: self.config.publish_timeout,
             stats: self.stats.clone(),
             database_down: Notify::new(),
+            refused: std::sync::Mutex::new(None),
+            refused_notify: Notify::new(),
         });
         let permits = Arc::new(Semaphore::new(self.config.settings.concurrency));
         let mut in_flight = JoinSet::new();
@@ -205,6 +240,10 @@ impl<H: Handler> Worker<H> {
                 biased;
                 () = shutdown.wait() => break Ok(SessionEnd::Shutdown),
                 () = shared.database_down.notified() => break Ok(SessionEnd::DatabaseDown),
+                () = shared.refused_notify.notified() => {
+                    let refused = shared.refused.lock().ok().and_then(|mut r| r.take()).unwrap_or_default();
+                    break Ok(SessionEnd::AccessRefused(refused));
+                }
                 Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
                 next = consumer.next() => match next {
                     None => break Err(anyhow::anyhow!("consumer stream ended")),
@@ -409,7 +448,7 @@ impl<H: Handler> Shared<H> {
         if let Err(publish_error) = self
             .publisher
             .publish(
-                "",
+                &self.queues.failures_exchange(),
                 &target,
                 &delivery.data,
                 properties,
@@ -418,6 +457,12 @@ impl<H: Handler> Shared<H> {
             .await
         {
             tracing::warn!(worker = self.queues.work(), queue = %target, %publish_error, "failure copy not confirmed; requeueing the original");
+            if let Some(refused) = access_refused(&publish_error)
+                && let Ok(mut slot) = self.refused.lock()
+            {
+                slot.get_or_insert(refused);
+                self.refused_notify.notify_one();
+            }
             return Settle::Requeue;
         }
         match decision {

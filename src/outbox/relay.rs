@@ -16,7 +16,7 @@ use tokio::sync::{Mutex, Notify};
 
 use super::backoff::{delay_after, reconnect_delay};
 use crate::{
-    amqp::{BrokerPool, ConfirmedPublisher, PublishError, Topology, envelope},
+    amqp::{BrokerPool, ConfirmedPublisher, PublishError, Topology, access_refused, envelope},
     config::RelaySettings,
     faults::{CrashPoint, crash_point},
     shutdown::Shutdown,
@@ -38,6 +38,15 @@ pub enum RelayError {
     Store(#[from] StoreError),
     #[error("broker unavailable: {0}")]
     Broker(String),
+    /// The broker refused our user; retrying cannot help.
+    #[error("broker refused the relay's user: {0}")]
+    AccessRefused(String),
+}
+
+impl RelayError {
+    fn from_broker(error: &dyn std::fmt::Display) -> Self {
+        access_refused(error).map_or_else(|| Self::Broker(error.to_string()), Self::AccessRefused)
+    }
 }
 
 pub struct Relay {
@@ -67,8 +76,9 @@ impl Relay {
         }
     }
 
-    /// The open publisher, or a new one on a fresh connection. Topology is
-    /// declared on every (re)open, so a broker that lost it gets it back.
+    /// The open publisher, or a new one on a fresh connection. The events
+    /// exchange is checked on every (re)open: a missing topology is reported
+    /// as such instead of as a stream of failed publishes.
     async fn publisher(&self) -> Result<ConfirmedPublisher, RelayError> {
         let mut slot = self.publisher.lock().await;
         if let Some(publisher) = slot.as_ref().filter(|p| p.is_open()) {
@@ -79,20 +89,25 @@ impl Relay {
             .broker
             .get()
             .await
-            .map_err(|e| RelayError::Broker(e.to_string()))?;
+            .map_err(|e| RelayError::from_broker(&e))?;
         let publisher = ConfirmedPublisher::open(&connection)
             .await
-            .map_err(|e| RelayError::Broker(e.to_string()))?;
+            .map_err(|e| RelayError::from_broker(&e))?;
         self.topology
-            .declare(publisher.channel())
+            .verify_for_relay(publisher.channel())
             .await
-            .map_err(|e| RelayError::Broker(format!("declaring topology: {e}")))?;
+            .map_err(|e| {
+                RelayError::Broker(format!(
+                    "exchange `{}` is missing (run `courier topology apply`): {e}",
+                    self.topology.events_exchange
+                ))
+            })?;
         tracing::info!("relay publisher channel open");
         *slot = Some(publisher.clone());
         Ok(publisher)
     }
 
-    /// Opens the publisher channel and declares the topology now, instead of
+    /// Opens the publisher channel and checks the topology now, instead of
     /// at the first due row; `run` calls it at start.
     pub async fn connect(&self) -> Result<(), RelayError> {
         self.publisher().await.map(drop)
@@ -156,6 +171,7 @@ impl Relay {
         if !published.is_empty() {
             crash_point(CrashPoint::AfterConfirmBeforeMark);
         }
+        let refused = failures.iter().find_map(|(_, error)| access_refused(error));
 
         outbox::mark_published(&mut conn, &published).await?;
         for (row, error) in &failures {
@@ -177,6 +193,9 @@ impl Relay {
             );
             outbox::record_failure(&mut conn, row.id, error, next).await?;
         }
+        if let Some(refused) = refused {
+            return Err(RelayError::AccessRefused(refused));
+        }
         Ok(RelayOutcome::Published {
             published: published.len(),
             failed: failures.len(),
@@ -185,12 +204,28 @@ impl Relay {
 
     /// Relays until `shutdown`: drains while there is work, then waits for a
     /// NOTIFY or the poll interval. A step in progress always finishes, so no
-    /// confirmed publish is left unmarked by shutdown itself.
-    pub async fn run(self: Arc<Self>, database_url: String, shutdown: Shutdown) {
+    /// confirmed publish is left unmarked by shutdown itself. Returns early
+    /// only when the broker refuses our user: the one error no wait heals.
+    pub async fn run(
+        self: Arc<Self>,
+        database_url: String,
+        shutdown: Shutdown,
+    ) -> Result<(), RelayError> {
         let wake = Arc::new(Notify::new());
         let listener = tokio::spawn(listen(database_url, wake.clone(), shutdown.clone()));
-        if let Err(error) = self.connect().await {
-            tracing::warn!(%error, "broker not reachable at start; the relay keeps trying");
+        let result = self.relay_until(&wake, &shutdown).await;
+        listener.abort();
+        tracing::info!("relay stopped");
+        result
+    }
+
+    async fn relay_until(&self, wake: &Notify, shutdown: &Shutdown) -> Result<(), RelayError> {
+        match self.connect().await {
+            Err(error @ RelayError::AccessRefused(_)) => return Err(error),
+            Err(error) => {
+                tracing::warn!(%error, "broker not reachable at start; the relay keeps trying");
+            }
+            Ok(()) => {}
         }
         let mut failures = 0u32;
         while !shutdown.is_triggered() {
@@ -200,13 +235,14 @@ impl Relay {
                     tracing::debug!(published, failed, "relay step");
                     if published == 0 {
                         // Everything due failed; the failed rows are not due again yet.
-                        wait(&wake, self.settings.poll_interval, &shutdown).await;
+                        wait(wake, self.settings.poll_interval, shutdown).await;
                     }
                 }
                 Ok(RelayOutcome::Idle) => {
                     failures = 0;
-                    wait(&wake, self.settings.poll_interval, &shutdown).await;
+                    wait(wake, self.settings.poll_interval, shutdown).await;
                 }
+                Err(error @ RelayError::AccessRefused(_)) => return Err(error),
                 Err(error) => {
                     let delay = reconnect_delay(failures);
                     failures = failures.saturating_add(1);
@@ -217,8 +253,7 @@ impl Relay {
                 }
             }
         }
-        listener.abort();
-        tracing::info!("relay stopped");
+        Ok(())
     }
 }
 

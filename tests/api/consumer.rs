@@ -18,7 +18,7 @@ const SETTLE: Duration = Duration::from_secs(20);
 async fn a_canceled_order_is_refunded_once_and_its_customer_notified() {
     let env = TestEnv::new().await;
     let consumer = env.start_consumer().await;
-    let (order_id, event_id) = env.cancel_new_order("pay-happy-1").await;
+    let (order_id, _) = env.cancel_new_order("pay-happy-1").await;
     env.relay()
         .relay_once()
         .await
@@ -38,8 +38,8 @@ async fn a_canceled_order_is_refunded_once_and_its_customer_notified() {
     assert_eq!(ledger.len(), 1);
     assert_eq!(
         ledger[0].idempotency_key,
-        event_id.to_string(),
-        "the event id is the idempotency key"
+        courier::domain::RefundKey::for_order(order_id).to_string(),
+        "the order's refund key is the idempotency key"
     );
     assert_eq!(ledger[0].refund_id, refunds[0].gateway_refund_id);
     let sent = std::fs::read_to_string(&env.settings.notifications.file_path).unwrap_or_default();

@@ -59,3 +59,19 @@ fn a_bad_config_value_stops_every_binary_with_the_key_that_is_wrong() {
         assert!(stderr.contains(named), "{binary} names `{named}`: {stderr}");
     }
 }
+
+#[test]
+fn a_password_that_looks_like_a_number_is_used_as_given_and_never_printed() {
+    // It gets past the configuration (it used to stop there, exit 2, quoting
+    // the password) and reaches PostgreSQL as the password: exit 0 where the
+    // server trusts local logins, exit 1 where it refuses this password.
+    let (code, stderr) = run_with(
+        "courier",
+        &["migrate"],
+        "COURIER__DATABASE__PASSWORD",
+        "8675309123",
+    );
+    assert!(matches!(code, Some(0 | 1)), "{code:?}: {stderr}");
+    assert!(!stderr.contains("configuration key"), "{stderr}");
+    assert!(!stderr.contains("8675309123"), "{stderr}");
+}
