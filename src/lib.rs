@@ -14,9 +14,11 @@
 //! - [`faults`]: test-only crash points, inert unless `COURIER_CRASH_AT` is set.
 //! - [`app`]: `run_until_stopped` for each binary; binaries only load config and call these.
 //! - [`demo`]: the README's demo workload and its summary.
+//! - [`bench`]: the benchmark of issue 7 (broker and database ceilings, the pipeline, the Celery peer).
 
 pub mod amqp;
 pub mod app;
+pub mod bench;
 pub mod check;
 pub mod config;
 pub mod consume;

@@ -27,6 +27,11 @@ use uuid::Uuid;
 
 pub const MANAGEMENT: &str = "http://127.0.0.1:15672";
 
+/// The broker login every role of a test uses unless the test says otherwise.
+pub fn guest() -> std::collections::BTreeMap<&'static str, &'static str> {
+    [("user", "guest"), ("password", "guest")].into()
+}
+
 pub struct TestEnv {
     pub settings: Settings,
     pub db: DbPool,
@@ -93,6 +98,11 @@ impl TestEnv {
         let base = Settings::figment(&config_dir(), "test")
             .merge(Serialized::default("database.name", &name))
             .merge(Serialized::default("amqp.vhost", &name))
+            // Every role logs in as the test broker's administrator; the
+            // least-privilege tests create and grant their own users.
+            .merge(Serialized::default("amqp.producer", guest()))
+            .merge(Serialized::default("amqp.consumer", guest()))
+            .merge(Serialized::default("amqp.operator", guest()))
             .merge(Serialized::default(
                 "topology.retry_delays",
                 ["200ms", "400ms", "800ms"],
@@ -137,17 +147,26 @@ impl TestEnv {
         settings.gateway.url = format!("http://{gateway_addr}");
         let (stop, stopped) = oneshot::channel::<()>();
         let sim_settings = settings.gateway_simulator.clone();
+        let http_settings = settings.http.clone();
         let task = tokio::spawn(async move {
-            simulator::serve(gateway_listener, &sim_settings, async move {
-                let _ = stopped.await;
-            })
+            simulator::serve(
+                gateway_listener,
+                &sim_settings,
+                &http_settings,
+                async move {
+                    let _ = stopped.await;
+                },
+            )
             .await
         });
 
         let db = store::pool(&settings.database).unwrap_or_else(|e| panic!("{e}"));
-        let broker = Connection::connect(&settings.amqp.uri(), ConnectionProperties::default())
-            .await
-            .unwrap_or_else(|e| panic!("cannot connect to RabbitMQ: {e}"));
+        let broker = Connection::connect(
+            &settings.amqp.uri_as(&settings.amqp.operator),
+            ConnectionProperties::default(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to RabbitMQ: {e}"));
         let channel = broker
             .create_channel()
             .await
@@ -185,8 +204,12 @@ impl TestEnv {
     }
 
     pub fn relay(&self) -> Relay {
-        let broker = courier::amqp::broker_pool(&self.settings.amqp, "test-relay")
-            .unwrap_or_else(|e| panic!("{e}"));
+        let broker = courier::amqp::broker_pool(
+            &self.settings.amqp,
+            &self.settings.amqp.producer,
+            "test-relay",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
         Relay::new(
             self.db.clone(),
             broker,
@@ -347,8 +370,8 @@ impl Drop for TestEnv {
                     let _ = management()
                         .delete(format!("{MANAGEMENT}/api/vhosts/{name}"))
                         .basic_auth(
-                            &settings.amqp.user,
-                            Some(settings.amqp.password.expose_secret()),
+                            &settings.amqp.operator.user,
+                            Some(settings.amqp.operator.password.expose_secret()),
                         )
                         .send()
                         .await;
@@ -385,8 +408,8 @@ async fn create_vhost(settings: &Settings, name: &str) {
     let http = management();
     let auth = |request: reqwest::RequestBuilder| {
         request.basic_auth(
-            &settings.amqp.user,
-            Some(settings.amqp.password.expose_secret()),
+            &settings.amqp.operator.user,
+            Some(settings.amqp.operator.password.expose_secret()),
         )
     };
     let created = auth(http.put(format!("{MANAGEMENT}/api/vhosts/{name}")))
@@ -399,7 +422,7 @@ async fn create_vhost(settings: &Settings, name: &str) {
     );
     let permitted = auth(http.put(format!(
         "{MANAGEMENT}/api/permissions/{name}/{}",
-        settings.amqp.user
+        settings.amqp.operator.user
     )))
     .json(&serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"}))
     .send()
@@ -412,7 +435,7 @@ async fn create_vhost(settings: &Settings, name: &str) {
 }
 
 /// Runs `run_until_stopped(settings, listener, shutdown)` on a free port.
-async fn spawn_service<F, Fut>(settings: Settings, run_until_stopped: F) -> Service
+pub async fn spawn_service<F, Fut>(settings: Settings, run_until_stopped: F) -> Service
 where
     F: FnOnce(Settings, tokio::net::TcpListener, ShutdownSignal) -> Fut,
     Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
@@ -491,4 +514,56 @@ pub fn header_text(message: &lapin::message::BasicGetMessage, key: &str) -> Opti
 
 pub fn header_int(message: &lapin::message::BasicGetMessage, key: &str) -> Option<i64> {
     courier::amqp::envelope::header_int(&message.delivery.properties, key)
+}
+
+/// An `order.canceled` event as the order service would raise it for
+/// `order`, under a new event id, whatever the order's real state: what a
+/// forger, or an operator republishing by hand, puts on the wire.
+pub fn event_for(order: &Order) -> courier::domain::OrderCanceled {
+    courier::domain::OrderCanceled {
+        event_id: EventId::generate(),
+        occurred_at: chrono::Utc::now(),
+        order_id: order.id,
+        payment_id: order.payment_id.clone(),
+        amount_cents: order.amount,
+        customer_email: order.customer_email.clone(),
+        order_version: order.version + 1,
+    }
+}
+
+/// Publishes `event` straight into `queue` with a complete, well-formed
+/// envelope, confirmed.
+pub async fn publish_event_into(
+    publisher: &ConfirmedPublisher,
+    queue: &str,
+    event: &courier::domain::OrderCanceled,
+) -> anyhow::Result<()> {
+    let record = event.to_record()?;
+    let row = courier::store::outbox::OutboxRow {
+        id: 0,
+        event_id: record.event_id.as_uuid(),
+        event_type: record.event_type.to_owned(),
+        event_version: record.event_version,
+        aggregate_type: record.aggregate_type.to_owned(),
+        aggregate_id: record.aggregate_id.clone(),
+        aggregate_version: record.aggregate_version,
+        content_type: "application/json".to_owned(),
+        payload: record.payload.clone(),
+        correlation_id: Some("forged".to_owned()),
+        occurred_at: record.occurred_at,
+        published_at: None,
+        attempts: 0,
+        last_error: None,
+        next_attempt_at: record.occurred_at,
+    };
+    publisher
+        .publish(
+            "",
+            queue,
+            row.payload.to_string().as_bytes(),
+            courier::amqp::envelope::properties_for(&row, "forger"),
+            Duration::from_secs(5),
+        )
+        .await?;
+    Ok(())
 }

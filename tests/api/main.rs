@@ -2,11 +2,15 @@
 //! each test in its own vhost and database (see `helpers`). Test names state
 //! the promise they prove; DESIGN.md §1 maps promises to tests.
 
+mod bench;
 mod consumer;
 mod demo;
 mod faults;
 mod helpers;
+mod http;
+mod money;
 mod orders;
+mod privilege;
 mod relay;
 mod startup;
 mod support;
