@@ -72,6 +72,10 @@ pub fn child_env(settings: &Settings) -> Vec<(String, String)> {
             settings.consumer.concurrency.to_string(),
         ),
         (
+            "CONSUMER__BATCH_SIZE",
+            settings.consumer.batch_size.to_string(),
+        ),
+        (
             "CONSUMER__MAX_BODY_BYTES",
             settings.consumer.max_body_bytes.to_string(),
         ),
@@ -80,6 +84,7 @@ pub fn child_env(settings: &Settings) -> Vec<(String, String)> {
             "RELAY__POLL_INTERVAL",
             duration(settings.relay.poll_interval),
         ),
+        ("RELAY__BATCH_SIZE", settings.relay.batch_size.to_string()),
         ("RELAY__BACKOFF_BASE", duration(settings.relay.backoff_base)),
         ("RELAY__BACKOFF_MAX", duration(settings.relay.backoff_max)),
         ("SHUTDOWN__DEADLINE", duration(settings.shutdown.deadline)),

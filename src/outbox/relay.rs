@@ -151,7 +151,17 @@ impl Relay {
         crash_point(CrashPoint::AfterPublishBeforeConfirm);
         let timeout = self.settings.confirm_timeout;
         let (rows_sent, pendings): (Vec<_>, Vec<_>) = sent.into_iter().unzip();
-        let results = join_all(pendings.into_iter().map(|p| p.settle(timeout))).await;
+        let total = pendings.len();
+        let arrived = std::sync::atomic::AtomicUsize::new(0);
+        let results = join_all(pendings.into_iter().map(|p| async {
+            let result = p.settle(timeout).await;
+            let n = arrived.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            if n == 1 && total > 1 {
+                crash_point(CrashPoint::MidConfirms);
+            }
+            result
+        }))
+        .await;
 
         let mut published = Vec::new();
         let mut channel_broken = !failures.is_empty();
@@ -233,8 +243,15 @@ impl Relay {
                 Ok(RelayOutcome::Published { published, failed }) => {
                     failures = 0;
                     tracing::debug!(published, failed, "relay step");
-                    if published == 0 {
-                        // Everything due failed; the failed rows are not due again yet.
+                    // A full batch means more is waiting: go again at once.
+                    // Otherwise wait for the next NOTIFY (one that arrived
+                    // during this step is kept, so it returns at once):
+                    // under load that gathers many commits into one step
+                    // instead of one query per row. When everything due
+                    // failed, the failed rows are not due again yet either.
+                    let full = i64::try_from(published + failed)
+                        .is_ok_and(|n| n >= self.settings.batch_size);
+                    if !full {
                         wait(wake, self.settings.poll_interval, shutdown).await;
                     }
                 }
