@@ -171,6 +171,7 @@ pub struct ConsumerSettings {
     pub workers: Vec<String>,
     pub prefetch: u16,
     pub concurrency: usize,
+    pub batch_size: usize,
     pub max_body_bytes: usize,
     #[serde(with = "humantime_serde")]
     pub handler_timeout: Duration,
@@ -360,6 +361,9 @@ impl Settings {
                 "consumer.concurrency",
                 "must not exceed consumer.prefetch (extra workers would never get a delivery)",
             );
+        }
+        if self.consumer.batch_size == 0 {
+            return invalid("consumer.batch_size", "must be at least 1");
         }
         if let Some(unknown) = self
             .consumer

@@ -18,20 +18,27 @@ pub enum CrashPoint {
     AfterGatewayCall,
     /// Consumer: effect + inbox committed, the delivery is not acked yet.
     AfterCommit,
+    /// Consumer: a batch of several deliveries committed together, none of
+    /// them acked yet.
+    AfterBatchCommit,
     /// Consumer: a delivery was decoded, before its effect.
     BeforeEffect,
     /// Relay: the batch was handed to the broker, no confirm awaited yet.
     AfterPublishBeforeConfirm,
+    /// Relay: some of a batch's confirms arrived, others are outstanding.
+    MidConfirms,
     /// Relay: the broker confirmed, the rows are not marked yet.
     AfterConfirmBeforeMark,
 }
 
 impl CrashPoint {
-    pub const ALL: [CrashPoint; 5] = [
+    pub const ALL: [CrashPoint; 7] = [
         Self::AfterGatewayCall,
         Self::AfterCommit,
+        Self::AfterBatchCommit,
         Self::BeforeEffect,
         Self::AfterPublishBeforeConfirm,
+        Self::MidConfirms,
         Self::AfterConfirmBeforeMark,
     ];
 
@@ -39,8 +46,10 @@ impl CrashPoint {
         match self {
             Self::AfterGatewayCall => "after-gateway-call",
             Self::AfterCommit => "after-commit",
+            Self::AfterBatchCommit => "after-batch-commit",
             Self::BeforeEffect => "before-effect",
             Self::AfterPublishBeforeConfirm => "after-publish-before-confirm",
+            Self::MidConfirms => "mid-confirms",
             Self::AfterConfirmBeforeMark => "after-confirm-before-mark",
         }
     }

@@ -20,6 +20,9 @@ pub struct WorkerStats {
     pub dead_poison: AtomicU64,
     pub dead_permanent: AtomicU64,
     pub dead_exhausted: AtomicU64,
+    /// Handler batches run (each one inbox query and at most one commit).
+    pub batches: AtomicU64,
+    pub largest_batch: AtomicU64,
 }
 
 impl WorkerStats {
@@ -43,6 +46,12 @@ impl WorkerStats {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
+    pub fn count_batch(&self, size: usize) {
+        Self::bump(&self.batches);
+        self.largest_batch
+            .fetch_max(u64::try_from(size).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
     pub fn snapshot(&self) -> WorkerSnapshot {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         WorkerSnapshot {
@@ -59,6 +68,8 @@ impl WorkerStats {
                 ("permanent".to_owned(), get(&self.dead_permanent)),
                 ("exhausted".to_owned(), get(&self.dead_exhausted)),
             ]),
+            batches: get(&self.batches),
+            largest_batch: get(&self.largest_batch),
         }
     }
 }
@@ -71,6 +82,11 @@ pub struct WorkerSnapshot {
     /// Copies sent into each delay tier, by queue name, in tier order.
     pub retried: Vec<(String, u64)>,
     pub dead_lettered: BTreeMap<String, u64>,
+    /// Handler batches run; `handled` / `batches` is the mean batch size.
+    #[serde(default)]
+    pub batches: u64,
+    #[serde(default)]
+    pub largest_batch: u64,
 }
 
 impl WorkerSnapshot {

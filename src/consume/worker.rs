@@ -7,10 +7,10 @@
 //! - our database unreachable, or the copy not confirmed: nack with requeue,
 //!   so the broker keeps the message.
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use chrono::Utc;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt, future::join_all};
 use lapin::{
     Channel,
     message::Delivery,
@@ -26,7 +26,7 @@ use tokio::{
 
 use super::{
     decision::{Decision, decide},
-    decode::decode,
+    decode::{Decoded, decode},
     stats::WorkerStats,
 };
 use crate::{
@@ -36,7 +36,7 @@ use crate::{
     },
     config::ConsumerSettings,
     faults::{CrashPoint, crash_on_message, crash_point},
-    handlers::{Handled, Handler, HandlerError},
+    handlers::{Handled, Handler, HandlerError, Work},
     outbox::backoff::{delay_after, jittered, reconnect_delay},
     shutdown::Shutdown,
     store::{self, DbPool, StoreError, inbox},
@@ -67,6 +67,7 @@ pub struct Worker<H> {
 }
 
 /// What to do with a delivery once its outcome is durable (or not).
+#[derive(Debug, Clone, Copy)]
 enum Settle {
     Ack,
     /// The failure copy was not confirmed: give the broker the message back.
@@ -234,6 +235,7 @@ impl<H: Handler> Worker<H> {
             refused_notify: Notify::new(),
         });
         let permits = Arc::new(Semaphore::new(self.config.settings.concurrency));
+        let batch_size = self.config.settings.batch_size;
         let mut in_flight = JoinSet::new();
         let ended = loop {
             tokio::select! {
@@ -245,21 +247,43 @@ impl<H: Handler> Worker<H> {
                     break Ok(SessionEnd::AccessRefused(refused));
                 }
                 Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
-                next = consumer.next() => match next {
+                // Only take a delivery we have room for: one left unstarted
+                // goes back to the queue on close.
+                next = consumer.next(), if permits.available_permits() > 0 => match next {
                     None => break Err(anyhow::anyhow!("consumer stream ended")),
                     Some(Err(error)) => break Err(error.into()),
                     Some(Ok(delivery)) => {
-                        // All workers busy: wait for one, but not past a shutdown
-                        // (the delivery, never started, goes back on close).
-                        let permit = tokio::select! {
-                            permit = permits.clone().acquire_owned() => permit?,
-                            () = shutdown.wait() => break Ok(SessionEnd::Shutdown),
-                        };
+                        let mut permit = permits.clone().try_acquire_owned()?;
+                        let mut batch = vec![delivery];
+                        // Whatever else has already arrived joins this batch,
+                        // so a busy queue shares commits and a quiet one
+                        // never waits for company.
+                        let mut stream_end = None;
+                        while batch.len() < batch_size {
+                            let Ok(more) = permits.clone().try_acquire_owned() else { break };
+                            match consumer.next().now_or_never() {
+                                Some(Some(Ok(delivery))) => {
+                                    permit.merge(more);
+                                    batch.push(delivery);
+                                }
+                                Some(end) => {
+                                    stream_end = Some(end);
+                                    break;
+                                }
+                                None => break,
+                            }
+                        }
                         let shared = shared.clone();
                         in_flight.spawn(async move {
-                            shared.process(delivery).await;
+                            shared.process_batch(batch).await;
                             drop(permit);
                         });
+                        match stream_end {
+                            None => {}
+                            Some(None) => break Err(anyhow::anyhow!("consumer stream ended")),
+                            Some(Some(Err(error))) => break Err(error.into()),
+                            Some(Some(Ok(_))) => unreachable!("taken into the batch above"),
+                        }
                     }
                 },
             }
@@ -299,19 +323,30 @@ async fn close(channel: &Channel) {
 }
 
 impl<H: Handler> Shared<H> {
-    async fn process(&self, delivery: Delivery) {
-        let settle = self.outcome(&delivery).await;
+    async fn process_batch(&self, deliveries: Vec<Delivery>) {
+        let settles = self.outcomes(&deliveries).await;
+        join_all(
+            deliveries
+                .iter()
+                .zip(settles)
+                .map(|(delivery, settle)| self.settle(delivery, settle)),
+        )
+        .await;
+    }
+
+    /// Acks each delivery by its own outcome, never one for another.
+    async fn settle(&self, delivery: &Delivery, settle: Settle) {
         let result = match settle {
             Settle::Ack => delivery.acker.ack(BasicAckOptions::default()).await,
             Settle::DatabaseDown => {
                 WorkerStats::bump(&self.stats.requeued);
                 self.database_down.notify_one();
-                requeue(&delivery).await
+                requeue(delivery).await
             }
             Settle::Requeue => {
                 WorkerStats::bump(&self.stats.requeued);
                 tokio::time::sleep(REQUEUE_PAUSE).await;
-                requeue(&delivery).await
+                requeue(delivery).await
             }
         };
         if let Err(error) = result {
@@ -327,60 +362,131 @@ impl<H: Handler> Shared<H> {
         tracing::info!(worker = self.queues.work(), %message_id, "duplicate delivery absorbed");
     }
 
-    async fn outcome(&self, delivery: &Delivery) -> Settle {
-        let decoded = match decode(&delivery.properties, &delivery.data, self.max_body_bytes) {
-            Ok(decoded) => decoded,
-            Err(reason) => {
-                crash_on_message(
-                    delivery
-                        .properties
-                        .message_id()
-                        .as_ref()
-                        .map(|m| m.as_str()),
-                );
-                let previous =
-                    envelope::header_int(&delivery.properties, envelope::headers::ATTEMPT)
-                        .unwrap_or(0);
-                return self
-                    .fail(delivery, previous, ErrorKind::Poison, &reason)
-                    .await;
+    /// One settle per delivery, in order. Undecodable deliveries are failed
+    /// on their own; the rest go through the inbox and the handler as one
+    /// batch, except that a message id repeated within the batch waits for
+    /// a later round, where the inbox sees the first copy's outcome.
+    async fn outcomes(&self, deliveries: &[Delivery]) -> Vec<Settle> {
+        let mut settles: Vec<Option<Settle>> = deliveries.iter().map(|_| None).collect();
+        let mut decoded = Vec::new();
+        let mut poison = Vec::new();
+        for (i, delivery) in deliveries.iter().enumerate() {
+            match decode(&delivery.properties, &delivery.data, self.max_body_bytes) {
+                Ok(ok) => {
+                    crash_on_message(Some(ok.message_id));
+                    if delivery.redelivered {
+                        tracing::info!(worker = self.queues.work(), message_id = %ok.message_id, "redelivered delivery");
+                    }
+                    decoded.push((i, ok));
+                }
+                Err(reason) => {
+                    crash_on_message(
+                        delivery
+                            .properties
+                            .message_id()
+                            .as_ref()
+                            .map(|m| m.as_str()),
+                    );
+                    poison.push((i, reason));
+                }
             }
-        };
-        crash_on_message(Some(decoded.message_id));
-        if delivery.redelivered {
-            tracing::info!(worker = self.queues.work(), message_id = %decoded.message_id, "redelivered delivery");
         }
+        let failed = join_all(poison.iter().map(|(i, reason)| {
+            let previous =
+                envelope::header_int(&deliveries[*i].properties, envelope::headers::ATTEMPT)
+                    .unwrap_or(0);
+            self.fail(&deliveries[*i], previous, ErrorKind::Poison, reason)
+        }))
+        .await;
+        for ((i, _), settle) in poison.iter().zip(failed) {
+            settles[*i] = Some(settle);
+        }
+        while !decoded.is_empty() {
+            let mut ids = HashSet::new();
+            let (round, later): (Vec<_>, Vec<_>) = decoded
+                .into_iter()
+                .partition(|(_, d)| ids.insert(d.message_id));
+            for (i, settle) in self.round(deliveries, &round).await {
+                settles[i] = Some(settle);
+            }
+            decoded = later;
+        }
+        settles
+            .into_iter()
+            .map(|s| s.unwrap_or(Settle::Requeue))
+            .collect()
+    }
+
+    /// One batch of distinct message ids: the inbox check in one query, the
+    /// handler for what is new, then each outcome turned into its settle.
+    async fn round(
+        &self,
+        deliveries: &[Delivery],
+        round: &[(usize, Decoded)],
+    ) -> Vec<(usize, Settle)> {
+        let ids: Vec<uuid::Uuid> = round.iter().map(|(_, d)| d.message_id).collect();
         let seen = async {
             let mut conn = self.db.get().await.map_err(StoreError::from)?;
-            inbox::seen(&mut conn, self.handler.name(), decoded.message_id).await
+            inbox::seen_among(&mut conn, self.handler.name(), &ids).await
         };
-        match seen.await {
-            Ok(true) => {
-                self.absorbed_duplicate(decoded.message_id);
-                return Settle::Ack;
-            }
-            Ok(false) => crash_point(CrashPoint::BeforeEffect),
+        let seen = match seen.await {
+            Ok(seen) => seen,
             Err(error) => {
-                tracing::warn!(worker = self.queues.work(), %error, "inbox check failed; handing the delivery back");
-                return if error.is_unavailable() {
+                tracing::warn!(worker = self.queues.work(), %error, "inbox check failed; handing the deliveries back");
+                let settle = if error.is_unavailable() {
                     Settle::DatabaseDown
                 } else {
                     Settle::Requeue
                 };
+                return round.iter().map(|(i, _)| (*i, settle)).collect();
+            }
+        };
+        let mut settled = Vec::with_capacity(round.len());
+        let mut fresh = Vec::with_capacity(round.len());
+        for (i, d) in round {
+            if seen.contains(&d.message_id) {
+                self.absorbed_duplicate(d.message_id);
+                settled.push((*i, Settle::Ack));
+            } else {
+                crash_point(CrashPoint::BeforeEffect);
+                fresh.push((*i, d));
             }
         }
-        let handled = tokio::time::timeout(
-            self.handler_timeout,
-            self.handler.handle(decoded.message_id, &decoded.event),
+        if fresh.is_empty() {
+            return settled;
+        }
+        let work: Vec<Work<'_>> = fresh
+            .iter()
+            .map(|(_, d)| Work {
+                message_id: d.message_id,
+                event: &d.event,
+            })
+            .collect();
+        self.stats.count_batch(work.len());
+        let outcomes = self.handler.handle_batch(&work, self.handler_timeout).await;
+        if fresh.len() > 1 && outcomes.iter().any(|o| matches!(o, Ok(Handled::Done))) {
+            crash_point(CrashPoint::AfterBatchCommit);
+        }
+        let settles = join_all(
+            fresh
+                .iter()
+                .zip(outcomes)
+                .map(|((i, d), outcome)| async move {
+                    (*i, self.settle_for(&deliveries[*i], d, outcome).await)
+                }),
         )
-        .await
-        .unwrap_or_else(|_| {
-            Err(HandlerError::Transient(format!(
-                "handler did not finish within {:?}",
-                self.handler_timeout
-            )))
-        });
-        match handled {
+        .await;
+        settled.extend(settles);
+        settled
+    }
+
+    async fn settle_for(
+        &self,
+        delivery: &Delivery,
+        decoded: &Decoded,
+        outcome: Result<Handled, HandlerError>,
+    ) -> Settle {
+        match outcome {
             Ok(Handled::Done) => {
                 crash_point(CrashPoint::AfterCommit);
                 WorkerStats::bump(&self.stats.handled);

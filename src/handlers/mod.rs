@@ -6,6 +6,8 @@
 pub mod notification;
 pub mod refund;
 
+use std::time::Duration;
+
 use uuid::Uuid;
 
 use crate::{domain::IncomingEvent, store::StoreError};
@@ -33,22 +35,70 @@ pub enum HandlerError {
     Unavailable(String),
 }
 
-impl From<StoreError> for HandlerError {
-    fn from(error: StoreError) -> Self {
+impl From<&StoreError> for HandlerError {
+    fn from(error: &StoreError) -> Self {
         match error {
-            StoreError::Unavailable(message) => Self::Unavailable(message),
+            StoreError::Unavailable(message) => Self::Unavailable(message.clone()),
             StoreError::Query(e) => Self::Transient(format!("database error: {e}")),
         }
     }
 }
 
+impl From<StoreError> for HandlerError {
+    fn from(error: StoreError) -> Self {
+        Self::from(&error)
+    }
+}
+
+/// One decoded delivery, as a handler sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Work<'a> {
+    pub message_id: Uuid,
+    pub event: &'a IncomingEvent,
+}
+
+/// One outcome per item of a batch, in the batch's order.
+pub type Outcomes = Vec<Result<Handled, HandlerError>>;
+
 /// One consumer's logic. `name` is its inbox key and its queue's name.
+///
+/// A handler takes a batch: it reads what the batch needs in one go, makes
+/// each item's external effect on its own (an item slower than `deadline`
+/// fails alone, as transient), and records the effects and their inbox rows
+/// in one transaction (DESIGN §10). The batch never holds two deliveries with
+/// the same message id; the consume loop splits those.
 pub trait Handler: Send + Sync + 'static {
     fn name(&self) -> &str;
 
-    fn handle(
+    fn handle_batch(
         &self,
-        message_id: Uuid,
-        event: &IncomingEvent,
-    ) -> impl Future<Output = Result<Handled, HandlerError>> + Send;
+        batch: &[Work<'_>],
+        deadline: Duration,
+    ) -> impl Future<Output = Outcomes> + Send;
+}
+
+/// An external call that gives up at `deadline`, as a transient failure, so
+/// one slow call never holds its batch.
+pub async fn within<T>(
+    deadline: Duration,
+    call: impl Future<Output = Result<T, HandlerError>>,
+) -> Result<T, HandlerError> {
+    tokio::time::timeout(deadline, call)
+        .await
+        .unwrap_or_else(|_| {
+            Err(HandlerError::Transient(format!(
+                "handler did not finish within {deadline:?}"
+            )))
+        })
+}
+
+/// The batch's outcomes, with `missing` for any item left without one.
+pub fn fill(
+    outcomes: Vec<Option<Result<Handled, HandlerError>>>,
+    missing: impl Fn() -> Result<Handled, HandlerError>,
+) -> Outcomes {
+    outcomes
+        .into_iter()
+        .map(|o| o.unwrap_or_else(&missing))
+        .collect()
 }

@@ -1,18 +1,20 @@
 //! The notification handler: tells the customer their order was canceled,
-//! through a pluggable sender, then records the message id in the inbox.
+//! through a pluggable sender, then records the message ids of a batch in the
+//! inbox with one statement.
 //!
 //! A crash between sending and recording means the customer may get the
 //! message twice; an e-mail cannot share a transaction with our database, and
 //! we prefer a duplicate e-mail to a lost one.
 
-use std::path::PathBuf;
+use std::{path::PathBuf, time::Duration};
 
+use futures_util::future::join_all;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use serde::Serialize;
 use tokio::io::AsyncWriteExt;
 use uuid::Uuid;
 
-use super::{Handled, Handler, HandlerError};
+use super::{Handled, Handler, HandlerError, Outcomes, Work, within};
 use crate::{
     config::{NotificationSettings, SenderKind},
     domain::IncomingEvent,
@@ -124,33 +126,55 @@ impl Handler for NotificationHandler {
         NAME
     }
 
-    async fn handle(
-        &self,
-        message_id: Uuid,
-        event: &IncomingEvent,
-    ) -> Result<Handled, HandlerError> {
-        let IncomingEvent::OrderCanceled(canceled) = event;
-        let notification = Notification {
-            message_id,
-            to: canceled.customer_email.as_str().to_owned(),
-            subject: format!("Your order {} was canceled", canceled.order_id),
-            body: format!(
-                "Your order {} was canceled. {}.{:02} will be refunded to your payment {}.",
-                canceled.order_id,
-                canceled.amount_cents.cents() / 100,
-                canceled.amount_cents.cents() % 100,
-                canceled.payment_id.as_str()
-            ),
+    /// Sends each notification on its own, then records the sent ones in the
+    /// inbox with one statement.
+    async fn handle_batch(&self, batch: &[Work<'_>], deadline: Duration) -> Outcomes {
+        let notifications: Vec<Notification> = batch.iter().map(notification_for).collect();
+        let sent = join_all(
+            notifications
+                .iter()
+                .map(|notification| within(deadline, self.sender.send(notification))),
+        )
+        .await;
+        let sent_ids: Vec<Uuid> = batch
+            .iter()
+            .zip(&sent)
+            .filter(|(_, result)| result.is_ok())
+            .map(|(work, _)| work.message_id)
+            .collect();
+        let recorded = match self.db.get().await {
+            Ok(mut conn) => inbox::record_many(&mut conn, NAME, &sent_ids)
+                .await
+                .map_err(StoreError::classify),
+            Err(e) => Err(e.into()),
         };
-        self.sender.send(&notification).await?;
-        let mut conn = self.db.get().await.map_err(StoreError::from)?;
-        let recorded = inbox::record(&mut conn, NAME, message_id)
-            .await
-            .map_err(|e| HandlerError::from(StoreError::classify(e)))?;
-        Ok(if recorded {
-            Handled::Done
-        } else {
-            Handled::AlreadyProcessed
-        })
+        batch
+            .iter()
+            .zip(sent)
+            .map(|(work, result)| {
+                result?;
+                match &recorded {
+                    Ok(new) if new.contains(&work.message_id) => Ok(Handled::Done),
+                    Ok(_) => Ok(Handled::AlreadyProcessed),
+                    Err(error) => Err(HandlerError::from(error)),
+                }
+            })
+            .collect()
+    }
+}
+
+fn notification_for(work: &Work<'_>) -> Notification {
+    let IncomingEvent::OrderCanceled(canceled) = work.event;
+    Notification {
+        message_id: work.message_id,
+        to: canceled.customer_email.as_str().to_owned(),
+        subject: format!("Your order {} was canceled", canceled.order_id),
+        body: format!(
+            "Your order {} was canceled. {}.{:02} will be refunded to your payment {}.",
+            canceled.order_id,
+            canceled.amount_cents.cents() / 100,
+            canceled.amount_cents.cents() % 100,
+            canceled.payment_id.as_str()
+        ),
     }
 }

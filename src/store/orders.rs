@@ -1,6 +1,8 @@
 //! The `orders` table, and the one place that opens the transaction writing an
 //! order change together with its outbox row.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
@@ -98,6 +100,28 @@ pub async fn find_with_refund(
         .map_err(StoreError::classify)?;
     row.map(|(order, refunded)| Order::try_from(order).map(|order| (order, refunded)))
         .transpose()
+        .map_err(StoreError::Query)
+}
+
+/// [`find_with_refund`] for a whole batch in one query; orders that do not
+/// exist are simply absent.
+pub async fn find_many_with_refund(
+    conn: &mut AsyncPgConnection,
+    ids: &[OrderId],
+) -> Result<HashMap<OrderId, (Order, bool)>, StoreError> {
+    let uuids: Vec<Uuid> = ids.iter().map(|id| id.as_uuid()).collect();
+    let rows = orders::table
+        .filter(orders::id.eq_any(&uuids))
+        .select((
+            OrderRow::as_select(),
+            diesel::dsl::exists(refunds::table.filter(refunds::order_id.eq(orders::id))),
+        ))
+        .load::<(OrderRow, bool)>(conn)
+        .await
+        .map_err(StoreError::classify)?;
+    rows.into_iter()
+        .map(|(row, refunded)| Order::try_from(row).map(|order| (order.id, (order, refunded))))
+        .collect::<Result<_, _>>()
         .map_err(StoreError::Query)
 }
 

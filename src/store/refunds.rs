@@ -1,5 +1,7 @@
 //! The `refunds` table: the refund context's record, one row per canceled order.
 
+use std::collections::HashSet;
+
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
@@ -55,6 +57,68 @@ pub async fn record_with_inbox(
             Recorded::New
         } else {
             Recorded::OrderAlreadyRefunded
+        })
+    })
+    .await
+    .map_err(StoreError::classify)
+}
+
+/// What recording one batch did: one [`Recorded`] per refund, in order, and
+/// for each inbox-only message whether its row was new.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordedBatch {
+    pub refunds: Vec<Recorded>,
+    pub inbox_only: Vec<bool>,
+}
+
+/// Writes a batch of refunds and their inbox rows, plus inbox rows for
+/// messages whose order was refunded already (`inbox_only`), in one
+/// transaction: three statements however large the batch. Each refund gets
+/// the outcome [`record_with_inbox`] would have given it alone.
+pub async fn record_batch_with_inbox(
+    conn: &mut AsyncPgConnection,
+    consumer: &str,
+    refunds: &[RefundRow],
+    inbox_only: &[Uuid],
+) -> Result<RecordedBatch, StoreError> {
+    conn.transaction(async |conn| {
+        let ids: Vec<Uuid> = refunds
+            .iter()
+            .map(|r| r.event_id)
+            .chain(inbox_only.iter().copied())
+            .collect();
+        let new = inbox::record_many(conn, consumer, &ids).await?;
+        let fresh: Vec<&RefundRow> = refunds
+            .iter()
+            .filter(|r| new.contains(&r.event_id))
+            .collect();
+        let inserted: HashSet<Uuid> = if fresh.is_empty() {
+            HashSet::new()
+        } else {
+            diesel::insert_into(refunds::table)
+                .values(fresh)
+                .on_conflict(refunds::order_id)
+                .do_nothing()
+                .returning(refunds::event_id)
+                .get_results::<Uuid>(conn)
+                .await?
+                .into_iter()
+                .collect()
+        };
+        Ok(RecordedBatch {
+            refunds: refunds
+                .iter()
+                .map(|r| {
+                    if !new.contains(&r.event_id) {
+                        Recorded::AlreadyProcessed
+                    } else if inserted.contains(&r.event_id) {
+                        Recorded::New
+                    } else {
+                        Recorded::OrderAlreadyRefunded
+                    }
+                })
+                .collect(),
+            inbox_only: inbox_only.iter().map(|id| new.contains(id)).collect(),
         })
     })
     .await

@@ -2,6 +2,7 @@
 //! each test in its own vhost and database (see `helpers`). Test names state
 //! the promise they prove; DESIGN.md §1 maps promises to tests.
 
+mod batching;
 mod bench;
 mod consumer;
 mod demo;

@@ -154,3 +154,76 @@ async fn refund_is_made_once_when_consumer_is_sigkilled_mid_run() {
         "every binary exits 0 on SIGTERM: {clean:?}"
     );
 }
+
+/// Orders queued before the consumer starts, so its deliveries arrive
+/// together and share commits; the consumer aborts on every life's second
+/// batch commit, before any of that batch's acks.
+#[tokio::test]
+async fn refunds_are_made_once_when_consumer_dies_after_a_batch_commit_before_its_acks() {
+    let mut run = Run::new(|f| {
+        f.merge(Serialized::default("consumer.prefetch", 8))
+            .merge(Serialized::default("consumer.concurrency", 8))
+            .merge(Serialized::default("consumer.batch_size", 8))
+    })
+    .await;
+    run.set_env(
+        CONSUMER,
+        &[
+            ("COURIER_CRASH_AT", CrashPoint::AfterBatchCommit.name()),
+            ("COURIER_CRASH_AFTER", "2"),
+        ],
+    );
+    run.spawn(GATEWAY).await;
+    run.spawn(PRODUCER).await;
+    let orders: HashSet<_> = run
+        .cancel_orders(ORDERS * 2, "pay-batch-crash")
+        .await
+        .into_iter()
+        .collect();
+    run.spawn(CONSUMER).await;
+    let report = run.settle(&orders, SETTLE).await;
+    assert_passed(&report, "consumer killed after a batch commit");
+    assert_eq!(report.refunded, ORDERS * 2);
+    assert!(
+        run.log_count(CONSUMER, "crash point `after-batch-commit` reached") >= 1,
+        "no batch of several deliveries ever committed, so the fault did not hit"
+    );
+    assert!(
+        run.log_count(CONSUMER, "duplicate delivery absorbed") >= 2,
+        "the committed batch did not come back, so its acks were not what was lost"
+    );
+}
+
+/// The events are committed before the producer starts, so its relay finds a
+/// backlog and every step is a batch of several rows; it aborts on every
+/// life's second step once the first of that batch's confirms arrived.
+#[tokio::test]
+async fn event_is_refunded_once_when_relay_dies_between_a_batch_confirms() {
+    let mut run = Run::new(|f| f.merge(Serialized::default("relay.batch_size", RELAY_BATCH))).await;
+    run.set_env(
+        PRODUCER,
+        &[
+            ("COURIER_CRASH_AT", CrashPoint::MidConfirms.name()),
+            ("COURIER_CRASH_AFTER", "2"),
+        ],
+    );
+    let mut orders = HashSet::new();
+    for i in 0..ORDERS {
+        let (order_id, _) = run
+            .env
+            .cancel_new_order(&format!("pay-midconfirm-{i}"))
+            .await;
+        orders.insert(order_id.as_uuid());
+    }
+    run.start_all().await;
+    let report = run.settle(&orders, SETTLE).await;
+    assert_survived(&run, &report, PRODUCER, "relay killed mid-confirms");
+    assert!(
+        run.log_count(PRODUCER, "crash point `mid-confirms` reached") >= 1,
+        "no batch had several confirms outstanding, so the fault did not hit"
+    );
+    assert!(
+        run.log_count(CONSUMER, "duplicate delivery absorbed") >= 1,
+        "no confirmed but unmarked event was published again"
+    );
+}
