@@ -63,6 +63,16 @@ pub struct RunFigures {
     pub costs: Vec<GroupCost>,
     /// What the database counted during the run.
     pub counters: DbCounters,
+    /// Batches the refunds worker ran (0 where there is no courier consumer).
+    pub refund_batches: u64,
+}
+
+/// Batches the refunds worker has run so far, from its counters.
+async fn refund_batches(target: &Target<'_>) -> anyhow::Result<u64> {
+    match &target.progress {
+        Progress::Courier(courier) => courier.refund_batches().await,
+        Progress::RefundRows => Ok(0),
+    }
 }
 
 async fn settled(
@@ -124,6 +134,7 @@ pub async fn run(
     let (before, _) = settled_counters(&mut stats_conn).await?;
     let mut polls = 0i64;
     let (base_refunds, base_notified) = settled(target, &orders, &mut polls).await?;
+    let base_batches = refund_batches(target).await?;
     polls = 0;
 
     let monitor = Monitor::start(
@@ -167,6 +178,7 @@ pub async fn run(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let costs = monitor.finish().await;
+    let batches = refund_batches(target).await? - base_batches;
 
     let (after, reads) = settled_counters(&mut stats_conn).await?;
     let mut counters = after.since(&before);
@@ -199,6 +211,7 @@ pub async fn run(
         requests: Percentiles::of(&sent.request_ms),
         costs,
         counters,
+        refund_batches: batches,
     })
 }
 

@@ -228,6 +228,19 @@ impl Results {
             ),
         );
         t.opt(
+            "consumer: refunds per commit (mean batch of the refunds worker)",
+            Spread::of(
+                &self
+                    .pipeline
+                    .iter()
+                    .filter(|r| r.refund_batches > 0)
+                    .map(|r| r.orders as f64 / r.refund_batches as f64)
+                    .collect::<Vec<_>>(),
+            )
+            .map(|s| s.display(1).to_string()),
+            "",
+        );
+        t.opt(
             "DB per order: table scans (seq + idx)",
             per_order(&self.pipeline, |r| r.counters.scans).map(|s| s.display(2).to_string()),
             "",

@@ -118,6 +118,12 @@ impl Courier {
         }
     }
 
+    /// Batches the refunds worker has run so far.
+    pub async fn refund_batches(&self) -> anyhow::Result<u64> {
+        let stats = crate::demo::consumer_stats(&self.http, &self.stats_url).await?;
+        Ok(stats.get("refunds").map_or(0, |s| s.batches))
+    }
+
     /// Refunds and notifications settled so far (handled or dead-lettered),
     /// from the consumer's counters.
     pub async fn settled(&self) -> anyhow::Result<(u64, u64)> {
