@@ -7,7 +7,7 @@ use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
 use super::{
-    StoreError, outbox,
+    ConnectionFailure, StoreError, outbox,
     schema::{orders, refunds},
 };
 use crate::domain::{
@@ -110,6 +110,12 @@ pub enum ChangeOrderError<R> {
     Refused(R),
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+impl<R> ConnectionFailure for ChangeOrderError<R> {
+    fn is_connection_failure(&self) -> bool {
+        matches!(self, Self::Store(error) if error.is_unavailable())
+    }
 }
 
 impl<R> From<diesel::result::Error> for ChangeOrderError<R> {

@@ -5,9 +5,11 @@ use courier::{
     domain::OrderState,
     store::{self, orders::ChangeOrderError},
 };
+use std::time::Duration;
+
 use serde_json::{Value, json};
 
-use crate::helpers::{Service, TestEnv};
+use crate::helpers::{Service, TestEnv, wait_until};
 
 #[tokio::test]
 async fn an_order_and_its_event_commit_together() {
@@ -438,5 +440,72 @@ async fn a_wrong_method_is_a_405_with_a_json_body() -> anyhow::Result<()> {
             "{method} {path}: {body}"
         );
     }
+    api.stop().await
+}
+
+/// Ends every other session of the test's database, and says how many.
+async fn terminate_sessions(env: &TestEnv, which: &str) -> i64 {
+    env.count(&format!(
+        "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE datname = current_database() AND pid <> pg_backend_pid() AND {which}"
+    ))
+    .await
+}
+
+/// The order API's pool hands out connections without a ping; a session the
+/// database ended since its last use costs the request one retry, not a 503.
+#[tokio::test]
+async fn a_cancel_right_after_its_pooled_session_was_terminated_succeeds() -> anyhow::Result<()> {
+    let (env, api, base) = api().await;
+    // Whether the client has seen the session end by the next checkout is a
+    // race (about one in three goes to the stale session), so run it often
+    // enough that the stale case surely comes up.
+    for round in 1..=10 {
+        // Leaves the API's pooled session idle, to be ended under it.
+        let id = create_order(&base, &format!("pay-terminated-{round}")).await;
+        let terminated = terminate_sessions(&env, "true").await;
+        assert!(terminated > 0, "round {round}: no session was terminated");
+        let (status, body) = post(format!("{base}/orders/{id}/cancel"), None).await;
+        assert_eq!(status, 200, "round {round}: {body}");
+    }
+    assert_eq!(env.count("SELECT count(*) FROM outbox").await, 10);
+    api.stop().await
+}
+
+/// The same without the race: the cancel's session is ended while it waits
+/// for a row lock the test holds, so its statement surely fails.
+#[tokio::test]
+async fn a_cancel_whose_session_is_terminated_mid_statement_succeeds() -> anyhow::Result<()> {
+    // Local: at module level it would shadow `TestEnv::execute`.
+    use diesel_async::RunQueryDsl;
+    let (env, api, base) = api().await;
+    let id = create_order(&base, "pay-terminated-mid").await;
+    let mut holder = store::connect(&env.settings.database.url()).await?;
+    diesel::sql_query("BEGIN").execute(&mut holder).await?;
+    diesel::sql_query(format!("SELECT 1 FROM orders WHERE id = '{id}' FOR UPDATE"))
+        .execute(&mut holder)
+        .await?;
+
+    let cancel = tokio::spawn(post(format!("{base}/orders/{id}/cancel"), None));
+    wait_until(
+        "the cancel waits for the lock",
+        Duration::from_secs(10),
+        async || {
+            env.count(
+                "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .await
+                > 0
+        },
+    )
+    .await;
+    let terminated = terminate_sessions(&env, "wait_event_type = 'Lock'").await;
+    assert_eq!(terminated, 1, "the cancel's session was terminated");
+    diesel::sql_query("ROLLBACK").execute(&mut holder).await?;
+
+    let (status, body) = cancel.await?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(env.count("SELECT count(*) FROM outbox").await, 1);
     api.stop().await
 }
