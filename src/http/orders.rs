@@ -129,6 +129,7 @@ fn change_error<R: std::fmt::Display>(error: ChangeOrderError<R>) -> ApiError {
     match error {
         ChangeOrderError::NotFound(id) => ApiError::NotFound(format!("order {id} not found")),
         ChangeOrderError::Refused(reason) => ApiError::Conflict(reason.to_string()),
+        error @ ChangeOrderError::Contended(_) => ApiError::Conflict(error.to_string()),
         ChangeOrderError::Store(e) => e.into(),
     }
 }
