@@ -16,8 +16,9 @@ use super::ApiError;
 use crate::{
     domain::{AmountCents, CustomerEmail, EventId, Order, OrderId, PaymentId, ShippingAddress},
     store::{
-        DbPool, StoreError,
+        DbPool,
         orders::{self, ChangeOrderError},
+        retry_once_if_unavailable,
     },
 };
 
@@ -109,8 +110,7 @@ async fn create(
             .map_err(invalid)?,
         Utc::now(),
     );
-    let mut conn = db.get().await.map_err(StoreError::from)?;
-    orders::insert(&mut conn, &order).await?;
+    retry_once_if_unavailable(&db, async |conn| orders::insert(conn, &order).await).await?;
     Ok((StatusCode::CREATED, Json(order)))
 }
 
@@ -119,8 +119,7 @@ async fn show(
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Order>, ApiError> {
     let id = parse_id(id)?;
-    let mut conn = db.get().await.map_err(StoreError::from)?;
-    orders::find(&mut conn, id)
+    retry_once_if_unavailable(&db, async |conn| orders::find(conn, id).await)
         .await?
         .map(Json)
         .ok_or_else(|| ApiError::NotFound(format!("order {id} not found")))
@@ -130,6 +129,7 @@ fn change_error<R: std::fmt::Display>(error: ChangeOrderError<R>) -> ApiError {
     match error {
         ChangeOrderError::NotFound(id) => ApiError::NotFound(format!("order {id} not found")),
         ChangeOrderError::Refused(reason) => ApiError::Conflict(reason.to_string()),
+        error @ ChangeOrderError::Contended(_) => ApiError::Conflict(error.to_string()),
         ChangeOrderError::Store(e) => e.into(),
     }
 }
@@ -141,10 +141,11 @@ async fn cancel(
 ) -> Result<Json<CanceledResponse>, ApiError> {
     let id = parse_id(id)?;
     let correlation = correlation_id(&headers);
-    let mut conn = db.get().await.map_err(StoreError::from)?;
-    let (order, event_id) = orders::cancel(&mut conn, id, Some(&correlation), Utc::now())
-        .await
-        .map_err(change_error)?;
+    let (order, event_id) = retry_once_if_unavailable(&db, async |conn| {
+        orders::cancel(conn, id, Some(&correlation), Utc::now()).await
+    })
+    .await
+    .map_err(change_error)?;
     Ok(Json(CanceledResponse { order, event_id }))
 }
 
@@ -153,8 +154,7 @@ async fn ship(
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Order>, ApiError> {
     let id = parse_id(id)?;
-    let mut conn = db.get().await.map_err(StoreError::from)?;
-    orders::ship(&mut conn, id, Utc::now())
+    retry_once_if_unavailable(&db, async |conn| orders::ship(conn, id, Utc::now()).await)
         .await
         .map(Json)
         .map_err(change_error)

@@ -12,7 +12,9 @@ pub mod schema;
 
 use diesel_async::{
     AsyncConnection, AsyncMigrationHarness, AsyncPgConnection,
-    pooled_connection::{AsyncDieselConnectionManager, deadpool::Pool},
+    pooled_connection::{
+        AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod, deadpool::Pool,
+    },
 };
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 
@@ -22,6 +24,13 @@ pub type DbPool = Pool<AsyncPgConnection>;
 pub type DbConn = diesel_async::pooled_connection::deadpool::Object<AsyncPgConnection>;
 
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
+
+/// How PostgreSQL and tokio-postgres word a session that is gone.
+const CONNECTION_GONE: [&str; 3] = [
+    "terminating connection",
+    "connection closed",
+    "error communicating with the server",
+];
 
 /// A storage failure, split by what the caller should do about it.
 #[derive(Debug, thiserror::Error)]
@@ -49,10 +58,14 @@ impl StoreError {
             Error::DatabaseError(DatabaseErrorKind::ClosedConnection, _) => {
                 Self::Unavailable(error.to_string())
             }
-            Error::DatabaseError(DatabaseErrorKind::Unknown, info)
-                if info.message().contains("terminating connection")
-                    || info.message().contains("connection closed") =>
-            {
+            // Unknown: the server ending the session (SQLSTATE 57P01..03).
+            // UnableToSendCommand: how diesel-async reports any failure without
+            // a SQLSTATE, a bad parameter as well as a dead socket, so only the
+            // transport's own messages count.
+            Error::DatabaseError(
+                DatabaseErrorKind::Unknown | DatabaseErrorKind::UnableToSendCommand,
+                info,
+            ) if CONNECTION_GONE.iter().any(|m| info.message().contains(m)) => {
                 Self::Unavailable(error.to_string())
             }
             _ => Self::Query(error),
@@ -64,10 +77,81 @@ impl StoreError {
     }
 }
 
+/// An error that can tell whether the connection, rather than the operation,
+/// failed: what [`retry_once_if_unavailable`] retries on.
+pub trait ConnectionFailure {
+    fn is_connection_failure(&self) -> bool;
+}
+
+impl ConnectionFailure for StoreError {
+    fn is_connection_failure(&self) -> bool {
+        self.is_unavailable()
+    }
+}
+
+/// An `AsyncFnMut(&mut AsyncPgConnection) -> R` whose future is `Send`, as
+/// axum's handlers need. Stable Rust cannot bound an async closure's future
+/// yet, so it is named through `FnMut` instead: diesel-async's `AsyncFunc`
+/// workaround, for a closure that may be called more than once.
+pub trait SendOperation<'c, R>: FnMut(&'c mut AsyncPgConnection) -> Self::Fut {
+    type Fut: Future<Output = R> + Send;
+}
+
+impl<'c, R, F, Fut> SendOperation<'c, R> for F
+where
+    F: FnMut(&'c mut AsyncPgConnection) -> Fut,
+    Fut: Future<Output = R> + Send,
+{
+    type Fut = Fut;
+}
+
+/// Runs `operation` on a pooled connection and, if that connection turned out
+/// to be dead, once more on another one.
+///
+/// The pool does not ping on checkout (see [`pool`]), so a session the server
+/// ended since its last use fails its first statement; one retry absorbs that
+/// without the caller seeing an error. Only for operations that may run twice:
+/// the first attempt may have committed just before its connection died. The
+/// order API's may: a change re-reads the order and lets the domain decide
+/// again (a committed cancel is then refused, never raised twice), and a
+/// repeated insert of the same order fails on its primary key.
+/// A pool that cannot hand out a connection is not retried: that is the
+/// database being down, which a second try at once does not change.
+pub async fn retry_once_if_unavailable<T, E, F>(pool: &DbPool, mut operation: F) -> Result<T, E>
+where
+    for<'c> F:
+        AsyncFnMut(&'c mut AsyncPgConnection) -> Result<T, E> + SendOperation<'c, Result<T, E>>,
+    E: From<StoreError> + ConnectionFailure,
+{
+    let mut conn = pool.get().await.map_err(StoreError::from)?;
+    match operation(&mut conn).await {
+        Err(error) if error.is_connection_failure() => {
+            tracing::debug!("pooled connection was dead; retrying once on another");
+            // Out of the pool for good, even if the client has not yet seen
+            // the socket close, so the retry cannot be handed the same session.
+            drop(deadpool::managed::Object::take(conn));
+            let mut conn = pool.get().await.map_err(StoreError::from)?;
+            operation(&mut conn).await
+        }
+        result => result,
+    }
+}
+
 /// Builds the connection pool. Connections are opened lazily, so this succeeds
 /// even while the database is down; the first query reports it.
+///
+/// A checkout does not ping: diesel-async's default (`Verified`) spends a
+/// `SELECT 1` round trip on every checkout, about a third of an order's
+/// statements. `Fast` still drops a connection whose socket the client saw
+/// close; one that died unseen fails its first statement with
+/// [`StoreError::Unavailable`], which callers already handle: the consumer
+/// requeues and pauses until [`ping`] answers, the relay backs off, the order
+/// API retries once through [`retry_once_if_unavailable`].
 pub fn pool(settings: &DatabaseSettings) -> anyhow::Result<DbPool> {
-    let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new(settings.url());
+    let mut config = ManagerConfig::default();
+    config.recycling_method = RecyclingMethod::Fast;
+    let manager =
+        AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(settings.url(), config);
     Pool::builder(manager)
         .max_size(settings.pool_size)
         .wait_timeout(Some(settings.connect_timeout))
@@ -108,4 +192,55 @@ pub async fn run_migrations(url: &str) -> anyhow::Result<Vec<String>> {
             .map_err(|e| anyhow::anyhow!("migrations failed: {e}"))
     })
     .await?
+}
+
+#[cfg(test)]
+mod tests {
+    use diesel::result::{DatabaseErrorKind, Error};
+
+    use super::StoreError;
+
+    fn error(kind: DatabaseErrorKind, message: &str) -> Error {
+        Error::DatabaseError(kind, Box::new(message.to_owned()))
+    }
+
+    #[test]
+    fn only_a_session_the_server_ended_or_a_dead_socket_is_unavailable() {
+        for (kind, message, unavailable) in [
+            (
+                DatabaseErrorKind::Unknown,
+                "terminating connection due to administrator command",
+                true,
+            ),
+            (
+                DatabaseErrorKind::UnableToSendCommand,
+                "connection closed",
+                true,
+            ),
+            (
+                DatabaseErrorKind::UnableToSendCommand,
+                "error communicating with the server: Connection reset by peer (os error 104)",
+                true,
+            ),
+            (DatabaseErrorKind::ClosedConnection, "anything", true),
+            // Refused statements, on a connection that is fine.
+            (
+                DatabaseErrorKind::UnableToSendCommand,
+                "error serializing parameter 0",
+                false,
+            ),
+            (DatabaseErrorKind::Unknown, "outbox refused", false),
+            (
+                DatabaseErrorKind::UniqueViolation,
+                "duplicate key value",
+                false,
+            ),
+        ] {
+            assert_eq!(
+                StoreError::classify(error(kind, message)).is_unavailable(),
+                unavailable,
+                "{kind:?}: {message}"
+            );
+        }
+    }
 }

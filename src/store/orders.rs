@@ -1,23 +1,34 @@
-//! The `orders` table, and the one place that opens the transaction writing an
-//! order change together with its outbox row.
+//! The `orders` table, and the one place that writes an order change together
+//! with its outbox row: a single statement, so that both commit or neither
+//! does without a transaction of our own (the outbox half of that statement
+//! is the one piece of `outbox` SQL kept outside `outbox.rs`).
+//!
+//! A change is optimistic: read the order, let the pure domain decide, write
+//! only if the order's version is still the one read; otherwise read again.
 
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
-use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
 use super::{
-    StoreError, outbox,
+    ConnectionFailure, StoreError,
     schema::{orders, refunds},
 };
 use crate::domain::{
-    AmountCents, CancelError, CustomerEmail, EventId, Order, OrderId, OrderState, PaymentId,
-    ShipError, ShippingAddress,
+    AmountCents, CancelError, CustomerEmail, EventId, EventRecord, Order, OrderId, OrderState,
+    PaymentId, ShipError, ShippingAddress,
 };
 
-#[derive(Debug, Clone, Queryable, Selectable, Insertable, AsChangeset)]
+/// How many times a change reads the order and decides again after another
+/// writer changed it in between, before the caller is told to try later.
+/// Contention on one order is rare (a cancel racing a ship or a second
+/// cancel), and the loser's second read usually lets the domain refuse.
+const CHANGE_ATTEMPTS: usize = 3;
+
+#[derive(Debug, Clone, Queryable, Selectable, Insertable)]
 #[diesel(table_name = orders)]
 #[diesel(check_for_backend(diesel::pg::Pg))]
 struct OrderRow {
@@ -132,8 +143,17 @@ pub enum ChangeOrderError<R> {
     NotFound(OrderId),
     #[error(transparent)]
     Refused(R),
+    /// Other writers changed the order between each read and write.
+    #[error("order {0} kept changing while this change was decided; try again")]
+    Contended(OrderId),
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+impl<R> ConnectionFailure for ChangeOrderError<R> {
+    fn is_connection_failure(&self) -> bool {
+        matches!(self, Self::Store(error) if error.is_unavailable())
+    }
 }
 
 impl<R> From<diesel::result::Error> for ChangeOrderError<R> {
@@ -164,28 +184,81 @@ pub async fn find(conn: &mut AsyncPgConnection, id: OrderId) -> Result<Option<Or
         .map_err(StoreError::Query)
 }
 
-async fn lock(conn: &mut AsyncPgConnection, id: OrderId) -> QueryResult<Option<Order>> {
-    orders::table
-        .find(id.as_uuid())
-        .select(OrderRow::as_select())
-        .for_update()
-        .first(conn)
-        .await
-        .optional()?
-        .map(Order::try_from)
-        .transpose()
+/// The order to change, or why there is none.
+async fn read<R>(conn: &mut AsyncPgConnection, id: OrderId) -> Result<Order, ChangeOrderError<R>> {
+    find(conn, id).await?.ok_or(ChangeOrderError::NotFound(id))
 }
 
-async fn save(conn: &mut AsyncPgConnection, order: &Order) -> QueryResult<()> {
-    diesel::update(orders::table.find(order.id.as_uuid()))
-        .set(OrderRow::from(order))
-        .execute(conn)
-        .await?;
-    Ok(())
+/// Writes what a state change touches (state, version, updated_at: no other
+/// column, so a stale read cannot undo it) and inserts `event`, in one
+/// statement (atomic by itself, so P1 holds without BEGIN/COMMIT; the outbox
+/// trigger's NOTIFY fires at its commit), if the order is still at
+/// `read_version`. Returns whether it was.
+async fn write_with_event(
+    conn: &mut AsyncPgConnection,
+    order: &Order,
+    read_version: i64,
+    event: &EventRecord,
+    correlation_id: Option<&str>,
+) -> QueryResult<bool> {
+    use diesel::sql_types::{BigInt, Integer, Jsonb, Nullable, Text, Timestamptz, Uuid as SqlUuid};
+    let inserted = diesel::sql_query(
+        "WITH changed AS ( \
+             UPDATE orders SET state = $2, version = $3, updated_at = $4 \
+             WHERE id = $1 AND version = $5 \
+             RETURNING id \
+         ) \
+         INSERT INTO outbox (event_id, event_type, event_version, aggregate_type, \
+                             aggregate_id, aggregate_version, payload, correlation_id, \
+                             occurred_at) \
+         SELECT $6, $7, $8, $9, $10, $11, $12, $13, $14 FROM changed",
+    )
+    .bind::<SqlUuid, _>(order.id.as_uuid())
+    .bind::<Text, _>(order.state.as_str())
+    .bind::<BigInt, _>(order.version)
+    .bind::<Timestamptz, _>(order.updated_at)
+    .bind::<BigInt, _>(read_version)
+    .bind::<SqlUuid, _>(event.event_id.as_uuid())
+    .bind::<Text, _>(event.event_type)
+    .bind::<Integer, _>(event.event_version)
+    .bind::<Text, _>(event.aggregate_type)
+    .bind::<Text, _>(&event.aggregate_id)
+    .bind::<BigInt, _>(event.aggregate_version)
+    .bind::<Jsonb, _>(&event.payload)
+    .bind::<Nullable<Text>, _>(correlation_id)
+    .bind::<Timestamptz, _>(event.occurred_at)
+    .execute(conn)
+    .await?;
+    Ok(inserted == 1)
 }
 
-/// Cancels an order: one transaction updates the order and inserts its
-/// `OrderCanceled` into the outbox, so both commit or neither does (P1).
+/// Writes what a state change touches, as [`write_with_event`] does, if the
+/// order is still at `read_version`. Returns whether it was.
+async fn write(
+    conn: &mut AsyncPgConnection,
+    order: &Order,
+    read_version: i64,
+) -> QueryResult<bool> {
+    let updated = diesel::update(
+        orders::table
+            .find(order.id.as_uuid())
+            .filter(orders::version.eq(read_version)),
+    )
+    .set((
+        orders::state.eq(order.state.as_str()),
+        orders::version.eq(order.version),
+        orders::updated_at.eq(order.updated_at),
+    ))
+    .execute(conn)
+    .await?;
+    Ok(updated == 1)
+}
+
+/// Cancels an order: `Order::cancel()` decides and raises `OrderCanceled`, and
+/// one statement stores the change and the event, so both commit or neither
+/// does (P1). Two round trips: the read and that statement. If another writer
+/// changed the order in between, the domain decides again on a fresh read, so
+/// a concurrent cancel or ship makes this one refused, never a second event.
 /// Nothing here talks to the broker; the relay publishes after commit.
 pub async fn cancel(
     conn: &mut AsyncPgConnection,
@@ -193,36 +266,36 @@ pub async fn cancel(
     correlation_id: Option<&str>,
     now: DateTime<Utc>,
 ) -> Result<(Order, EventId), ChangeOrderError<CancelError>> {
-    conn.transaction(async |conn| {
-        let Some(mut order) = lock(conn, id).await? else {
-            return Err(ChangeOrderError::NotFound(id));
-        };
+    for _ in 0..CHANGE_ATTEMPTS {
+        let mut order = read(conn, id).await?;
+        let read_version = order.version;
         let event = order.cancel(now).map_err(ChangeOrderError::Refused)?;
         let record = event
             .to_record()
             .map_err(|e| diesel::result::Error::SerializationError(Box::new(e)))?;
-        save(conn, &order).await?;
-        outbox::insert(conn, &record, correlation_id).await?;
-        Ok((order, event.event_id))
-    })
-    .await
+        if write_with_event(conn, &order, read_version, &record, correlation_id).await? {
+            return Ok((order, event.event_id));
+        }
+    }
+    Err(ChangeOrderError::Contended(id))
 }
 
-/// Marks an order shipped (no event yet: nothing consumes shipping in this version).
+/// Marks an order shipped (no event yet: nothing consumes shipping in this
+/// version), with the same optimistic check as [`cancel`].
 pub async fn ship(
     conn: &mut AsyncPgConnection,
     id: OrderId,
     now: DateTime<Utc>,
 ) -> Result<Order, ChangeOrderError<ShipError>> {
-    conn.transaction(async |conn| {
-        let Some(mut order) = lock(conn, id).await? else {
-            return Err(ChangeOrderError::NotFound(id));
-        };
+    for _ in 0..CHANGE_ATTEMPTS {
+        let mut order = read(conn, id).await?;
+        let read_version = order.version;
         order.ship(now).map_err(ChangeOrderError::Refused)?;
-        save(conn, &order).await?;
-        Ok(order)
-    })
-    .await
+        if write(conn, &order, read_version).await? {
+            return Ok(order);
+        }
+    }
+    Err(ChangeOrderError::Contended(id))
 }
 
 /// Counts orders per state, for the demo's and the checker's ground truth.

@@ -1,5 +1,7 @@
-//! The `outbox` table: inserting events inside the business transaction, and
-//! the relay's claim / mark-published / record-failure statements.
+//! The `outbox` table: the relay's claim / mark-published / record-failure
+//! statements, and lookups. Events are inserted by the statement
+//! that makes the change they describe (`orders::cancel`), so that both commit
+//! or neither does.
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
@@ -7,7 +9,6 @@ use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
 use super::{StoreError, schema::outbox};
-use crate::domain::EventRecord;
 
 /// A stored event as the relay publishes it.
 #[derive(Debug, Clone, Queryable, Selectable)]
@@ -29,29 +30,6 @@ pub struct OutboxRow {
     pub attempts: i32,
     pub last_error: Option<String>,
     pub next_attempt_at: DateTime<Utc>,
-}
-
-/// Inserts an event; call it inside the transaction that makes the change.
-pub async fn insert(
-    conn: &mut AsyncPgConnection,
-    record: &EventRecord,
-    correlation_id: Option<&str>,
-) -> QueryResult<i64> {
-    diesel::insert_into(outbox::table)
-        .values((
-            outbox::event_id.eq(record.event_id.as_uuid()),
-            outbox::event_type.eq(record.event_type),
-            outbox::event_version.eq(record.event_version),
-            outbox::aggregate_type.eq(record.aggregate_type),
-            outbox::aggregate_id.eq(&record.aggregate_id),
-            outbox::aggregate_version.eq(record.aggregate_version),
-            outbox::payload.eq(&record.payload),
-            outbox::correlation_id.eq(correlation_id),
-            outbox::occurred_at.eq(record.occurred_at),
-        ))
-        .returning(outbox::id)
-        .get_result(conn)
-        .await
 }
 
 /// The oldest pending rows that are due, in id (commit) order.

@@ -1,13 +1,18 @@
 //! P1: an order change and its event commit together or not at all; the
 //! order API's answers.
 
+use std::time::Duration;
+
 use courier::{
     domain::OrderState,
     store::{self, orders::ChangeOrderError},
 };
+use diesel_async::AsyncPgConnection;
+use figment::providers::Serialized;
 use serde_json::{Value, json};
+use tokio::task::JoinHandle;
 
-use crate::helpers::{Service, TestEnv};
+use crate::helpers::{Service, TestEnv, wait_until};
 
 #[tokio::test]
 async fn an_order_and_its_event_commit_together() {
@@ -43,7 +48,7 @@ async fn an_order_and_its_event_commit_together() {
 async fn a_failed_cancel_writes_neither_the_order_change_nor_the_event() {
     let env = TestEnv::new().await;
     let order = env.place_order("pay-rollback-1").await;
-    // Make the second statement of the transaction fail, for real, in the database.
+    // Make the outbox half of the cancel's one statement fail, for real, in the database.
     env.execute(
         "CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'outbox refused'; END; $$ LANGUAGE plpgsql",
     )
@@ -437,6 +442,156 @@ async fn a_wrong_method_is_a_405_with_a_json_body() -> anyhow::Result<()> {
                 .is_some_and(|e| e.contains("not allowed")),
             "{method} {path}: {body}"
         );
+    }
+    api.stop().await
+}
+
+/// Ends every other session of the test's database, and says how many.
+async fn terminate_sessions(env: &TestEnv, which: &str) -> i64 {
+    env.count(&format!(
+        "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE datname = current_database() AND pid <> pg_backend_pid() AND {which}"
+    ))
+    .await
+}
+
+/// The order API's pool hands out connections without a ping; a session the
+/// database ended since its last use costs the request one retry, not a 503.
+#[tokio::test]
+async fn a_cancel_right_after_its_pooled_session_was_terminated_succeeds() -> anyhow::Result<()> {
+    let (env, api, base) = api().await;
+    // Whether the client has seen the session end by the next checkout is a
+    // race (about one in three goes to the stale session), so run it often
+    // enough that the stale case surely comes up.
+    for round in 1..=10 {
+        // Leaves the API's pooled session idle, to be ended under it.
+        let id = create_order(&base, &format!("pay-terminated-{round}")).await;
+        let terminated = terminate_sessions(&env, "true").await;
+        assert!(terminated > 0, "round {round}: no session was terminated");
+        let (status, body) = post(format!("{base}/orders/{id}/cancel"), None).await;
+        assert_eq!(status, 200, "round {round}: {body}");
+    }
+    assert_eq!(env.count("SELECT count(*) FROM outbox").await, 10);
+    api.stop().await
+}
+
+/// POSTs `/orders/{id}/{action}` once per action, all at once, while a
+/// session of the test's own holds the order's row lock; returns when every
+/// request waits for it, so all of them have read the order and none has
+/// written it. `ROLLBACK` on the returned session lets them go on.
+async fn post_while_order_is_locked(
+    env: &TestEnv,
+    base: &str,
+    id: &str,
+    actions: &[&str],
+) -> anyhow::Result<(AsyncPgConnection, Vec<JoinHandle<(u16, Value)>>)> {
+    let mut holder = store::connect(&env.settings.database.url()).await?;
+    run_on(&mut holder, "BEGIN").await?;
+    run_on(
+        &mut holder,
+        &format!("SELECT 1 FROM orders WHERE id = '{id}' FOR UPDATE"),
+    )
+    .await?;
+    let requests = actions
+        .iter()
+        .map(|action| tokio::spawn(post(format!("{base}/orders/{id}/{action}"), None)))
+        .collect();
+    let waiting = i64::try_from(actions.len())?;
+    wait_until(
+        &format!("{waiting} requests wait for the order's row lock"),
+        Duration::from_secs(10),
+        async || {
+            env.count(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .await
+                == waiting
+        },
+    )
+    .await;
+    Ok((holder, requests))
+}
+
+/// Runs `sql` on a session of the test's own. A function because
+/// `RunQueryDsl` in the module's scope would shadow `TestEnv::execute`.
+async fn run_on(conn: &mut AsyncPgConnection, sql: &str) -> anyhow::Result<()> {
+    use diesel_async::RunQueryDsl;
+    diesel::sql_query(sql).execute(conn).await?;
+    Ok(())
+}
+
+/// The same without the race: the cancel's session is ended while it waits
+/// for a row lock the test holds, so its statement surely fails.
+#[tokio::test]
+async fn a_cancel_whose_session_is_terminated_mid_statement_succeeds() -> anyhow::Result<()> {
+    let (env, api, base) = api().await;
+    let id = create_order(&base, "pay-terminated-mid").await;
+    let (mut holder, requests) = post_while_order_is_locked(&env, &base, &id, &["cancel"]).await?;
+    let terminated = terminate_sessions(&env, "wait_event_type = 'Lock'").await;
+    assert_eq!(terminated, 1, "the cancel's session was terminated");
+    run_on(&mut holder, "ROLLBACK").await?;
+
+    for request in requests {
+        let (status, body) = request.await?;
+        assert_eq!(status, 200, "{body}");
+    }
+    assert_eq!(env.count("SELECT count(*) FROM outbox").await, 1);
+    api.stop().await
+}
+
+/// All of them read the order before any writes it (the test holds the row
+/// until they wait on it), so each would raise an event if only its read
+/// decided; the version check makes every loser decide again and be refused.
+#[tokio::test]
+async fn concurrent_cancels_of_one_order_raise_one_event() -> anyhow::Result<()> {
+    let env = TestEnv::with(|f| f.merge(Serialized::default("database.pool_size", 8))).await;
+    let api = env.start_producer().await;
+    let base = format!("http://{}", api.addr);
+    let id = create_order(&base, "pay-concurrent-1").await;
+    let (mut holder, cancels) =
+        post_while_order_is_locked(&env, &base, &id, &["cancel"; 5]).await?;
+    run_on(&mut holder, "ROLLBACK").await?;
+
+    let mut statuses = Vec::new();
+    for cancel in cancels {
+        let (status, body) = cancel.await?;
+        assert!(status == 200 || status == 409, "{status}: {body}");
+        statuses.push(status);
+    }
+    statuses.sort_unstable();
+    assert_eq!(statuses, [200, 409, 409, 409, 409]);
+    assert_eq!(env.count("SELECT count(*) FROM outbox").await, 1);
+    assert_eq!(
+        env.count("SELECT version FROM orders").await,
+        2,
+        "the order changed once"
+    );
+    api.stop().await
+}
+
+/// A cancel and a ship that both read the order as placed: whichever writes
+/// second is refused, so a shipped order never has an `order.canceled`.
+#[tokio::test]
+async fn a_cancel_racing_a_ship_raises_no_event_for_a_shipped_order() -> anyhow::Result<()> {
+    let (env, api, base) = api().await;
+    let id = create_order(&base, "pay-race-ship-1").await;
+    let (mut holder, mut requests) =
+        post_while_order_is_locked(&env, &base, &id, &["cancel", "ship"]).await?;
+    run_on(&mut holder, "ROLLBACK").await?;
+
+    let (Some(ship), Some(cancel)) = (requests.pop(), requests.pop()) else {
+        anyhow::bail!("one request per action");
+    };
+    let ((canceled, cancel_body), (shipped, ship_body)) = (cancel.await?, ship.await?);
+    let state = env
+        .count("SELECT CASE state WHEN 'shipped' THEN 1 WHEN 'canceled' THEN 2 END FROM orders")
+        .await;
+    let events = env.count("SELECT count(*) FROM outbox").await;
+    match (canceled, shipped) {
+        (200, 409) => assert_eq!((state, events), (2, 1), "{ship_body}"),
+        (409, 200) => assert_eq!((state, events), (1, 0), "{cancel_body}"),
+        other => panic!("exactly one must win: {other:?} {cancel_body} {ship_body}"),
     }
     api.stop().await
 }
