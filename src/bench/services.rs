@@ -46,6 +46,17 @@ async fn wait_healthy(
     }
 }
 
+/// One measured group per named process (`tree`: with its children).
+fn process_groups(pids: &BTreeMap<&'static str, i32>, tree: bool) -> Vec<Group> {
+    pids.iter()
+        .map(|(name, pid)| Group::Process {
+            label: (*name).to_owned(),
+            pid: *pid,
+            tree,
+        })
+        .collect()
+}
+
 fn pid(raw: u32) -> i32 {
     i32::try_from(raw).unwrap_or(0)
 }
@@ -138,14 +149,7 @@ impl Courier {
 
     /// Each binary as a measured group.
     pub fn groups(&self) -> Vec<Group> {
-        self.pids
-            .iter()
-            .map(|(name, pid)| Group::Process {
-                label: (*name).to_owned(),
-                pid: *pid,
-                tree: false,
-            })
-            .collect()
+        process_groups(&self.pids, false)
     }
 
     /// Stops everything; the names of the children that did not exit 0.
@@ -224,14 +228,7 @@ impl Peer {
     /// Each process tree as a measured group (the worker's pool processes
     /// and the API's forks count with their parent).
     pub fn groups(&self) -> Vec<Group> {
-        self.pids
-            .iter()
-            .map(|(name, pid)| Group::Process {
-                label: (*name).to_owned(),
-                pid: *pid,
-                tree: true,
-            })
-            .collect()
+        process_groups(&self.pids, true)
     }
 
     pub async fn stop(mut self) -> Vec<String> {

@@ -9,21 +9,6 @@ use uuid::Uuid;
 
 use super::{StoreError, schema::processed_messages};
 
-pub async fn seen(
-    conn: &mut AsyncPgConnection,
-    consumer: &str,
-    message_id: Uuid,
-) -> Result<bool, StoreError> {
-    diesel::select(diesel::dsl::exists(
-        processed_messages::table
-            .filter(processed_messages::consumer.eq(consumer))
-            .filter(processed_messages::message_id.eq(message_id)),
-    ))
-    .get_result(conn)
-    .await
-    .map_err(StoreError::classify)
-}
-
 /// Records the message as processed. Returns `false` if it already was: the
 /// caller is racing a duplicate and must roll its effect back.
 pub async fn record(

@@ -93,29 +93,9 @@ impl TryFrom<OrderRow> for Order {
     }
 }
 
-/// The order and whether it already has its one refund, in one round trip:
-/// what the refund side checks before any money moves.
-pub async fn find_with_refund(
-    conn: &mut AsyncPgConnection,
-    id: OrderId,
-) -> Result<Option<(Order, bool)>, StoreError> {
-    let row = orders::table
-        .find(id.as_uuid())
-        .select((
-            OrderRow::as_select(),
-            diesel::dsl::exists(refunds::table.filter(refunds::order_id.eq(orders::id))),
-        ))
-        .first::<(OrderRow, bool)>(conn)
-        .await
-        .optional()
-        .map_err(StoreError::classify)?;
-    row.map(|(order, refunded)| Order::try_from(order).map(|order| (order, refunded)))
-        .transpose()
-        .map_err(StoreError::Query)
-}
-
-/// [`find_with_refund`] for a whole batch in one query; orders that do not
-/// exist are simply absent.
+/// The orders of a batch and whether each already has its one refund, in
+/// one round trip: what the refund side checks before any money moves.
+/// Orders that do not exist are simply absent.
 pub async fn find_many_with_refund(
     conn: &mut AsyncPgConnection,
     ids: &[OrderId],

@@ -35,32 +35,17 @@ pub enum Recorded {
     OrderAlreadyRefunded,
 }
 
-/// Writes the refund and the inbox row in one transaction (P4). The refund is
-/// unique per order, so even a different event for the same order cannot
-/// produce a second row.
+/// Writes the refund and the inbox row in one transaction (P4): a batch of
+/// one. The refund is unique per order, so even a different event for the
+/// same order cannot produce a second row.
 pub async fn record_with_inbox(
     conn: &mut AsyncPgConnection,
     consumer: &str,
     refund: &RefundRow,
 ) -> Result<Recorded, StoreError> {
-    conn.transaction(async |conn| {
-        if !inbox::record(conn, consumer, refund.event_id).await? {
-            return Ok(Recorded::AlreadyProcessed);
-        }
-        let inserted = diesel::insert_into(refunds::table)
-            .values(refund)
-            .on_conflict(refunds::order_id)
-            .do_nothing()
-            .execute(conn)
-            .await?;
-        Ok(if inserted == 1 {
-            Recorded::New
-        } else {
-            Recorded::OrderAlreadyRefunded
-        })
-    })
-    .await
-    .map_err(StoreError::classify)
+    let recorded =
+        record_batch_with_inbox(conn, consumer, std::slice::from_ref(refund), &[]).await?;
+    Ok(recorded.refunds[0])
 }
 
 /// What recording one batch did: one [`Recorded`] per refund, in order, and
