@@ -1,16 +1,24 @@
 //! What each consumer does with an event, apart from the consume loop:
-//! refunds and notifications. A handler makes its effect and records the
-//! message id in the inbox in the same transaction, and reports an explicit
-//! outcome.
+//! refunds, notifications, the shipping read model and the order service's
+//! refund status. A handler makes its effect and records the message id in
+//! the inbox in the same transaction, and reports an explicit outcome.
+//! Which handler serves which queue is the registry's ([`crate::registry`]).
 
 pub mod notification;
 pub mod refund;
+pub mod refund_status;
+pub mod shipping_sync;
 
-use std::time::Duration;
+use std::{pin::Pin, time::Duration};
 
+use diesel_async::AsyncPgConnection;
 use uuid::Uuid;
 
-use crate::{domain::IncomingEvent, store::StoreError};
+use crate::{
+    config::Settings,
+    domain::IncomingEvent,
+    store::{DbPool, StoreError},
+};
 
 /// A handler's success.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,6 +26,9 @@ pub enum Handled {
     Done,
     /// The inbox already held this message id: no effect was made again.
     AlreadyProcessed,
+    /// Nothing to change: what the message says is already superseded (an
+    /// older version than the one applied). Recorded in the inbox.
+    Skipped,
 }
 
 /// A handler's failure, by what the consume loop should do about it.
@@ -50,6 +61,17 @@ impl From<StoreError> for HandlerError {
     }
 }
 
+impl HandlerError {
+    /// An event of a type this handler does not take: its queue is not bound
+    /// for it, so it was put there by hand. Permanent.
+    pub fn unexpected(handler: &str, event: &IncomingEvent) -> Self {
+        Self::Permanent(format!(
+            "`{handler}` does not handle `{}` events",
+            event.event_type()
+        ))
+    }
+}
+
 /// One decoded delivery, as a handler sees it.
 #[derive(Debug, Clone, Copy)]
 pub struct Work<'a> {
@@ -59,6 +81,15 @@ pub struct Work<'a> {
 
 /// One outcome per item of a batch, in the batch's order.
 pub type Outcomes = Vec<Result<Handled, HandlerError>>;
+
+/// Why a delivery is about to be shelved in its dead-letter queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shelved<'a> {
+    /// The handler said it can never succeed.
+    Permanent { error: &'a str },
+    /// It failed transiently on every try, the last tier's included.
+    Exhausted { attempts: i64, error: &'a str },
+}
 
 /// One consumer's logic. `name` is its inbox key and its queue's name.
 ///
@@ -75,6 +106,93 @@ pub trait Handler: Send + Sync + 'static {
         batch: &[Work<'_>],
         deadline: Duration,
     ) -> impl Future<Output = Outcomes> + Send;
+
+    /// Runs before a delivery that failed for good is shelved, and before it
+    /// is acked: what it stores is durable before the message leaves the
+    /// work queue. An error hands the delivery back instead (it comes again
+    /// and is shelved then). Nothing by default.
+    fn before_dead_letter(
+        &self,
+        work: Work<'_>,
+        shelved: Shelved<'_>,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send {
+        let _ = (work, shelved);
+        async { Ok(()) }
+    }
+}
+
+type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// [`Handler`] with its futures boxed, so that different handlers can stand
+/// behind one type (the registry builds them all alike).
+trait ObjectHandler: Send + Sync + 'static {
+    fn name(&self) -> &str;
+    fn handle_batch<'a, 'w: 'a>(
+        &'a self,
+        batch: &'a [Work<'w>],
+        deadline: Duration,
+    ) -> BoxFuture<'a, Outcomes>;
+    fn before_dead_letter<'a>(
+        &'a self,
+        work: Work<'a>,
+        shelved: Shelved<'a>,
+    ) -> BoxFuture<'a, Result<(), HandlerError>>;
+}
+
+impl<H: Handler> ObjectHandler for H {
+    fn name(&self) -> &str {
+        Handler::name(self)
+    }
+
+    fn handle_batch<'a, 'w: 'a>(
+        &'a self,
+        batch: &'a [Work<'w>],
+        deadline: Duration,
+    ) -> BoxFuture<'a, Outcomes> {
+        Box::pin(Handler::handle_batch(self, batch, deadline))
+    }
+
+    fn before_dead_letter<'a>(
+        &'a self,
+        work: Work<'a>,
+        shelved: Shelved<'a>,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(Handler::before_dead_letter(self, work, shelved))
+    }
+}
+
+/// Any handler, behind one type: what the registry builds and the consume
+/// loop runs. One allocation per batch, next to a database commit.
+pub struct BoxedHandler(Box<dyn ObjectHandler>);
+
+impl BoxedHandler {
+    pub fn new(handler: impl Handler) -> Self {
+        Self(Box::new(handler))
+    }
+}
+
+impl Handler for BoxedHandler {
+    fn name(&self) -> &str {
+        self.0.name()
+    }
+
+    async fn handle_batch(&self, batch: &[Work<'_>], deadline: Duration) -> Outcomes {
+        self.0.handle_batch(batch, deadline).await
+    }
+
+    async fn before_dead_letter(
+        &self,
+        work: Work<'_>,
+        shelved: Shelved<'_>,
+    ) -> Result<(), HandlerError> {
+        self.0.before_dead_letter(work, shelved).await
+    }
+}
+
+/// What a handler may be built from.
+pub struct HandlerDeps<'a> {
+    pub db: &'a DbPool,
+    pub settings: &'a Settings,
 }
 
 /// An external call that gives up at `deadline`, as a transient failure, so
@@ -101,4 +219,98 @@ pub fn fill(
         .into_iter()
         .map(|o| o.unwrap_or_else(&missing))
         .collect()
+}
+
+/// A batch's database write, done in one transaction for all its items.
+pub trait RecordBatch<T: Sync>: Sync {
+    /// What recording one item did.
+    type Recorded: Send;
+
+    /// Records `items` in one transaction: one result per item, in order.
+    fn record<'c>(
+        &'c self,
+        conn: &'c mut AsyncPgConnection,
+        items: &'c [T],
+    ) -> impl Future<Output = Result<Vec<Self::Recorded>, StoreError>> + Send + 'c;
+}
+
+/// Records `items` in one commit; if that commit fails for a reason other
+/// than the connection, records each item again on its own, so one bad item
+/// fails alone and its neighbours are still recorded (DESIGN §10).
+pub async fn record_batch<T: Sync, B: RecordBatch<T>>(
+    db: &DbPool,
+    recorder: &B,
+    items: &[T],
+) -> Vec<Result<B::Recorded, StoreError>> {
+    if items.is_empty() {
+        return Vec::new();
+    }
+    let batch = match db.get().await {
+        Ok(mut conn) => recorder.record(&mut conn, items).await,
+        Err(e) => Err(e.into()),
+    };
+    match batch {
+        Ok(recorded) => recorded.into_iter().map(Ok).collect(),
+        Err(StoreError::Query(error)) if items.len() > 1 => {
+            tracing::warn!(%error, "batch commit failed; recording its items one by one");
+            let mut each = Vec::with_capacity(items.len());
+            for item in items {
+                let one = match db.get().await {
+                    Ok(mut conn) => recorder.record(&mut conn, std::slice::from_ref(item)).await,
+                    Err(e) => Err(e.into()),
+                };
+                each.push(one.and_then(|mut recorded| {
+                    recorded.pop().ok_or_else(|| {
+                        StoreError::Query(diesel::result::Error::QueryBuilderError(
+                            "recording one item returned no outcome".into(),
+                        ))
+                    })
+                }));
+            }
+            each
+        }
+        Err(StoreError::Unavailable(message)) => items
+            .iter()
+            .map(|_| Err(StoreError::Unavailable(message.clone())))
+            .collect(),
+        // One item: its own failure.
+        Err(error) => vec![Err(error)],
+    }
+}
+
+/// A batch handled by one database write and nothing else: `item_of` turns
+/// each delivery into what to record (or its failure), [`record_batch`]
+/// records them all, and `outcome_of` turns each item's record into its
+/// delivery's outcome.
+pub async fn handle_by_recording<T: Sync, B: RecordBatch<T>>(
+    db: &DbPool,
+    recorder: &B,
+    batch: &[Work<'_>],
+    item_of: impl Fn(&Work<'_>) -> Result<T, HandlerError> + Sync,
+    outcome_of: impl Fn(&T, B::Recorded) -> Result<Handled, HandlerError> + Sync,
+) -> Outcomes {
+    let mut outcomes: Vec<Option<Result<Handled, HandlerError>>> =
+        batch.iter().map(|_| None).collect();
+    let mut items = Vec::with_capacity(batch.len());
+    let mut positions = Vec::with_capacity(batch.len());
+    for (i, work) in batch.iter().enumerate() {
+        match item_of(work) {
+            Ok(item) => {
+                items.push(item);
+                positions.push(i);
+            }
+            Err(refused) => outcomes[i] = Some(Err(refused)),
+        }
+    }
+    let recorded = record_batch(db, recorder, &items).await;
+    for ((i, item), recorded) in positions.into_iter().zip(&items).zip(recorded) {
+        outcomes[i] = Some(
+            recorded
+                .map_err(HandlerError::from)
+                .and_then(|r| outcome_of(item, r)),
+        );
+    }
+    fill(outcomes, || {
+        Err(HandlerError::Transient("no outcome recorded".to_owned()))
+    })
 }

@@ -346,7 +346,8 @@ async fn a_consumer_refused_its_queue_stops_with_a_configuration_error_naming_us
     let users = TestUsers::provision(&env).await?;
     let user = users.amqp.consumer.user.clone();
     let mut narrowed = Permissions::consumer(&env.topology);
-    narrowed.read = "^notifications$".to_owned();
+    // Every work queue of the consumer but `refunds`, so that one is refused.
+    narrowed.read = "^(notifications|shipping-sync)$".to_owned();
     regrant(&users, &user, &narrowed).await?;
 
     let error = stopped_by_itself(

@@ -303,15 +303,18 @@ impl Run {
         }
     }
 
-    /// Publishes every event in the outbox once more, straight to the events
-    /// exchange from the test's own connection: duplicates on the wire.
+    /// Publishes every order event in the outbox once more, straight to the
+    /// order events exchange from the test's own connection: duplicates on
+    /// the wire.
     pub async fn republish_all_events(&self) {
+        use courier::store::schema::outbox;
         use diesel::prelude::*;
         use diesel_async::RunQueryDsl;
         let rows = {
             let mut conn = self.env.conn().await;
-            courier::store::schema::outbox::table
-                .order(courier::store::schema::outbox::id)
+            outbox::table
+                .filter(outbox::publisher.eq(courier::domain::Publisher::Orders.as_str()))
+                .order(outbox::id)
                 .select(courier::store::outbox::OutboxRow::as_select())
                 .load(&mut conn)
                 .await
@@ -346,6 +349,7 @@ impl Run {
             })
             .collect();
         queues.push(self.settings.topology.unrouted_exchange.clone());
+        queues.push(self.settings.topology.refund_unrouted_exchange.clone());
         queues
     }
 
@@ -376,17 +380,23 @@ impl Run {
         .unwrap_or_else(|e| panic!("checker: {e:#}"))
     }
 
-    /// Keeps restarting dead binaries until every order in `scope` is refunded
-    /// or dead-lettered and nothing is pending, or `timeout` passes; returns
-    /// the final report (the test asserts on it).
+    /// Keeps restarting dead binaries until the run has settled, or `timeout`
+    /// passes; returns the final report (the test asserts on it). Settled:
+    /// every order in `scope` is refunded or dead-lettered, nothing is
+    /// pending, every canceled order shows what became of its refund (the
+    /// refund context's event made it back to the order service), and the
+    /// shipping read model holds every order's newest address.
     pub async fn settle(&mut self, scope: &HashSet<Uuid>, timeout: Duration) -> Report {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             self.keep_alive().await;
             let report = self.check(scope).await;
-            if (report.lost.is_empty() && report.stuck == 0)
-                || tokio::time::Instant::now() >= deadline
-            {
+            let settled = report.lost.is_empty()
+                && report.stuck == 0
+                && report.without_status.is_empty()
+                && report.status_mismatch.is_empty()
+                && report.unconverged.is_empty();
+            if settled || tokio::time::Instant::now() >= deadline {
                 return report;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -421,7 +431,7 @@ impl Run {
 /// Asserts the run's verdict and prints the checker's table.
 pub fn assert_passed(report: &Report, what: &str) {
     println!(
-        "{what}: canceled {}, refunded {}, in gateway {}, dead {:?}, lost {}, doubled {}, without cancel {}, stuck {}, refunded but shelved {}",
+        "{what}: canceled {}, refunded {}, in gateway {}, dead {:?}, lost {}, doubled {}, without cancel {}, stuck {}, refunded but shelved {}, refund statuses {:?}, without status {}, status mismatch {}, shipping changed {}, unconverged {}",
         report.canceled,
         report.refunded,
         report.refunds_in_gateway,
@@ -430,7 +440,12 @@ pub fn assert_passed(report: &Report, what: &str) {
         report.doubled.len(),
         report.without_cancel.len(),
         report.stuck,
-        report.refunded_but_shelved.len()
+        report.refunded_but_shelved.len(),
+        report.refund_statuses,
+        report.without_status.len(),
+        report.status_mismatch.len(),
+        report.shipping_changed,
+        report.unconverged.len()
     );
     assert!(report.lost.is_empty(), "{what}: lost {:?}", report.lost);
     assert!(
@@ -444,4 +459,19 @@ pub fn assert_passed(report: &Report, what: &str) {
         report.without_cancel
     );
     assert_eq!(report.stuck, 0, "{what}: stuck in the outbox");
+    assert!(
+        report.without_status.is_empty(),
+        "{what}: canceled orders without a refund status {:?}",
+        report.without_status
+    );
+    assert!(
+        report.status_mismatch.is_empty(),
+        "{what}: refund status disagrees with the refund {:?}",
+        report.status_mismatch
+    );
+    assert!(
+        report.unconverged.is_empty(),
+        "{what}: shipping read model not converged {:?}",
+        report.unconverged
+    );
 }
