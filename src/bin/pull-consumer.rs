@@ -55,7 +55,10 @@ async fn main() -> ExitCode {
         let db = store::pool(&settings.database)?;
         let reader = EventReader::new(&args.api, &args.reader, db, args.page_size).await?;
         reader
-            .run(args.poll_interval, Shutdown::on(courier::shutdown::signal()))
+            .run(
+                args.poll_interval,
+                Shutdown::on(courier::shutdown::signal()),
+            )
             .await?;
         anyhow::Ok(())
     };

@@ -13,5 +13,6 @@ mod money;
 mod orders;
 mod privilege;
 mod relay;
+mod shipping;
 mod startup;
 mod support;
