@@ -12,6 +12,7 @@ mod http;
 mod money;
 mod orders;
 mod privilege;
+mod refund_status;
 mod relay;
 mod shipping;
 mod startup;

@@ -57,7 +57,16 @@ async fn assert_refused(env: &TestEnv, event: &OrderCanceled, why: &str) -> anyh
     );
     assert!(env.gateway_ledger().await.is_empty(), "no money moved");
     assert_eq!(env.count("SELECT count(*) FROM refunds").await, 0);
-    consumer.stop().await
+    // A message the order record does not back is not the order's refund
+    // failing: no refund.failed, so no order is marked for it.
+    consumer.stop().await?;
+    assert_eq!(
+        env.count("SELECT count(*) FROM outbox WHERE publisher = 'refunds'")
+            .await,
+        0,
+        "a refused message raises no refund event"
+    );
+    Ok(())
 }
 
 #[tokio::test]
