@@ -6,6 +6,7 @@ mod batching;
 mod bench;
 mod consumer;
 mod demo;
+mod events;
 mod faults;
 mod helpers;
 mod http;
