@@ -269,8 +269,54 @@ impl Run {
         ids
     }
 
+    /// Places `n` orders through the producer's API and changes each one's
+    /// shipping address `changes` times (each change a new address, so each
+    /// raises an event); returns the order ids.
+    pub async fn change_addresses(&mut self, n: usize, changes: usize, prefix: &str) -> Vec<Uuid> {
+        let mut ids = Vec::with_capacity(n);
+        for i in 0..n {
+            let body = serde_json::json!({
+                "payment_id": format!("{prefix}-{i}"),
+                "amount_cents": 100 + i,
+                "customer_email": format!("s{i}@example.org"),
+            });
+            let order = self.post_retrying("/orders", Some(&body), &[201]).await;
+            let id = order["id"]
+                .as_str()
+                .and_then(|s| Uuid::parse_str(s).ok())
+                .unwrap_or_else(|| panic!("{order}"));
+            for change in 1..=changes {
+                let address = serde_json::json!({
+                    "shipping_address": format!("{change} {prefix} Street\nOrder {i}"),
+                });
+                self.send_retrying(
+                    reqwest::Method::PUT,
+                    &format!("/orders/{id}/shipping-info"),
+                    Some(&address),
+                    &[200],
+                )
+                .await;
+            }
+            ids.push(id);
+        }
+        ids
+    }
+
     async fn post_retrying(
         &mut self,
+        path: &str,
+        body: Option<&serde_json::Value>,
+        ok: &[u16],
+    ) -> serde_json::Value {
+        self.send_retrying(reqwest::Method::POST, path, body, ok)
+            .await
+    }
+
+    /// Sends a request to the producer's API, retrying while the producer
+    /// is in the middle of a restart.
+    async fn send_retrying(
+        &mut self,
+        method: reqwest::Method,
         path: &str,
         body: Option<&serde_json::Value>,
         ok: &[u16],
@@ -278,7 +324,7 @@ impl Run {
         let url = format!("http://{}{path}", self.settings.producer.listen);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
-            let mut request = self.http.post(&url);
+            let mut request = self.http.request(method.clone(), &url);
             if let Some(body) = body {
                 request = request.json(body);
             }
@@ -287,14 +333,14 @@ impl Run {
                     return response.json().await.unwrap_or(serde_json::Value::Null);
                 }
                 Ok(response) => panic!(
-                    "POST {path}: {} {}",
+                    "{method} {path}: {} {}",
                     response.status(),
                     response.text().await.unwrap_or_default()
                 ),
                 Err(error) => {
                     assert!(
                         tokio::time::Instant::now() < deadline,
-                        "POST {path} kept failing: {error}"
+                        "{method} {path} kept failing: {error}"
                     );
                     self.keep_alive().await;
                     tokio::time::sleep(Duration::from_millis(50)).await;
