@@ -259,6 +259,10 @@ async fn soak() {
         "| duplicate deliveries absorbed (consumer logs) | {} |",
         run.log_count(CONSUMER, "duplicate delivery absorbed")
     );
+    println!(
+        "| duplicate refund reports absorbed (order service logs) | {} |",
+        run.log_count(PRODUCER, "duplicate delivery absorbed")
+    );
     println!("| wall time | {:.0} s |", elapsed.as_secs_f64());
     assert_passed(&report, "soak");
 }
