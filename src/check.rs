@@ -91,6 +91,55 @@ impl Report {
     }
 }
 
+impl Report {
+    /// The table lines about refund statuses and the shipping read model,
+    /// as `courier check` prints them: (label, value).
+    pub fn event_model_lines(&self) -> Vec<(String, String)> {
+        let mut lines: Vec<(String, String)> = self
+            .refund_statuses
+            .iter()
+            .map(|(status, n)| (format!("refund status {status}"), n.to_string()))
+            .collect();
+        lines.extend([
+            (
+                "without a refund status".to_owned(),
+                self.without_status.len().to_string(),
+            ),
+            (
+                "shelved by the broker, no status".to_owned(),
+                self.shelved_by_broker_without_status.len().to_string(),
+            ),
+            (
+                "status disagrees with refund".to_owned(),
+                self.status_mismatch.len().to_string(),
+            ),
+            (
+                "orders whose address changed".to_owned(),
+                self.shipping_changed.to_string(),
+            ),
+            (
+                "shipping read model behind".to_owned(),
+                self.unconverged.len().to_string(),
+            ),
+        ]);
+        lines
+    }
+
+    /// Each order that fails the refund-status or read-model checks, with why.
+    pub fn event_model_findings(&self) -> impl Iterator<Item = (&'static str, &Uuid)> {
+        [
+            ("no refund status", &self.without_status),
+            (
+                "refund status disagrees with the refund",
+                &self.status_mismatch,
+            ),
+            ("shipping read model behind", &self.unconverged),
+        ]
+        .into_iter()
+        .flat_map(|(what, orders)| orders.iter().map(move |order| (what, order)))
+    }
+}
+
 /// One message in a dead-letter queue, read without taking it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeadLetter {

@@ -264,6 +264,9 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
                 report.without_cancel.len()
             );
             println!("stuck in the outbox             {:>8}", report.stuck);
+            for (label, value) in report.event_model_lines() {
+                println!("{label:<32}{value:>8}");
+            }
             for order in report.lost.iter().take(20) {
                 println!("  lost: order {order}");
             }
@@ -272,6 +275,9 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             }
             for key in report.without_cancel.iter().take(20) {
                 println!("  refunded without a canceled order: gateway key {key}");
+            }
+            for (what, order) in report.event_model_findings().take(20) {
+                println!("  {what}: order {order}");
             }
             Ok(if report.passed() {
                 ExitCode::SUCCESS
