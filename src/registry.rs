@@ -16,9 +16,10 @@ use crate::{
     handlers::{
         BoxedHandler, HandlerDeps,
         notification::{self, NotificationHandler, Sender},
+        recording::RecordingHandler,
         refund::{self, RefundHandler},
-        refund_status::{self, RefundStatusHandler},
-        shipping_sync::{self, ShippingSyncHandler},
+        refund_status::{self, RefundStatusRecording},
+        shipping_sync::{self, ShippingSync},
     },
 };
 
@@ -95,14 +96,20 @@ pub const WORKERS: &[WorkerEntry] = &[
         source: Publisher::Orders,
         routing_keys: &[ShippingInfoChanged::TYPE],
         runs_in: Process::Consumer,
-        build: |deps| Ok(BoxedHandler::new(ShippingSyncHandler::new(deps.db.clone()))),
+        build: |deps| {
+            let handler = RecordingHandler::<ShippingSync>::new(deps.db.clone());
+            Ok(BoxedHandler::new(handler))
+        },
     },
     WorkerEntry {
         name: refund_status::NAME,
         source: Publisher::Refunds,
         routing_keys: &[RefundCompleted::TYPE, RefundFailed::TYPE],
         runs_in: Process::Producer,
-        build: |deps| Ok(BoxedHandler::new(RefundStatusHandler::new(deps.db.clone()))),
+        build: |deps| {
+            let handler = RecordingHandler::<RefundStatusRecording>::new(deps.db.clone());
+            Ok(BoxedHandler::new(handler))
+        },
     },
 ];
 

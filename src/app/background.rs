@@ -12,8 +12,8 @@ use std::sync::Arc;
 use tokio::{sync::mpsc, task::JoinSet};
 
 use crate::{
-    amqp::{BrokerPool, Topology},
-    config::{ConfigError, Settings},
+    amqp::{Topology, broker_pool_sized},
+    config::{BrokerUser, ConfigError, Settings},
     consume::{ConsumerStats, Worker, WorkerConfig, WorkerError, WorkerStats},
     domain::Publisher,
     handlers::HandlerDeps,
@@ -28,29 +28,37 @@ struct Refused(String);
 
 /// A process's relays and workers, running until shutdown.
 pub struct Background {
+    process: Process,
     tasks: JoinSet<Option<Refused>>,
     stats: ConsumerStats,
 }
 
-/// Tells the process to stop when the broker refused its user; hand the
-/// receiving end to the process's [`Shutdown`].
-pub fn refusal_channel() -> (mpsc::Sender<()>, mpsc::Receiver<()>) {
-    mpsc::channel(1)
-}
-
 impl Background {
-    /// Starts every relay and worker of `process`. `refused` is signalled
-    /// the moment the broker refuses one of them.
+    /// Starts every relay and worker of `process`, as its broker user, until
+    /// `shutdown` resolves or the broker refuses the user; returns them and
+    /// the process's [`Shutdown`], which fires on either.
     pub fn start(
         process: Process,
         settings: &Settings,
         db: &DbPool,
-        broker: &BrokerPool,
-        shutdown: &Shutdown,
-        refused: mpsc::Sender<()>,
-    ) -> anyhow::Result<Self> {
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<(Self, Shutdown)> {
+        let (refused, mut refusal) = mpsc::channel::<()>(1);
+        let shutdown = Shutdown::on(async move {
+            tokio::select! {
+                () = shutdown => {}
+                _ = refusal.recv() => {}
+            }
+        });
+        let workers = registry::workers_to_run(process, settings)?;
+        // A connection per worker session, and one the relays borrow.
+        let broker = broker_pool_sized(
+            &settings.amqp,
+            user_of(process, settings).0,
+            app_id(process),
+            workers.len() + 1,
+        )?;
         let topology = Topology::from_settings(&settings.topology);
-        let app_id = app_id(process);
         let mut tasks = JoinSet::new();
         for publisher in Publisher::ALL
             .into_iter()
@@ -62,23 +70,19 @@ impl Background {
                 broker.clone(),
                 topology.clone(),
                 settings.relay.clone(),
-                app_id,
+                app_id(process),
             ));
             let run = relay.run(settings.database.url(), shutdown.clone());
-            let refused = refused.clone();
-            tasks.spawn(async move {
+            tasks.spawn(watched(refused.clone(), async move {
                 match run.await {
-                    Err(RelayError::AccessRefused(detail)) => {
-                        let _ = refused.try_send(());
-                        Some(Refused(detail))
-                    }
+                    Err(RelayError::AccessRefused(detail)) => Some(detail),
                     _ => None,
                 }
-            });
+            }));
         }
         let mut stats = ConsumerStats::default();
         let deps = HandlerDeps { db, settings };
-        for entry in registry::workers_to_run(process, settings)? {
+        for entry in workers {
             let Some(queues) = topology.worker(entry.name).cloned() else {
                 anyhow::bail!("worker `{}` has no queues in the topology", entry.name);
             };
@@ -99,18 +103,20 @@ impl Background {
                 worker_stats,
             );
             let run = worker.run(shutdown.clone());
-            let refused = refused.clone();
-            tasks.spawn(async move {
-                match run.await {
-                    Err(WorkerError::AccessRefused(detail)) => {
-                        let _ = refused.try_send(());
-                        Some(Refused(detail))
-                    }
-                    Ok(()) => None,
-                }
-            });
+            tasks.spawn(watched(refused.clone(), async move {
+                run.await
+                    .err()
+                    .map(|WorkerError::AccessRefused(detail)| detail)
+            }));
         }
-        Ok(Self { tasks, stats })
+        Ok((
+            Self {
+                process,
+                tasks,
+                stats,
+            },
+            shutdown,
+        ))
     }
 
     /// The workers' counters, by worker name.
@@ -120,25 +126,41 @@ impl Background {
 
     /// Waits until every relay and worker has stopped; the broker's refusal,
     /// if there was one, as the configuration error it is.
-    pub async fn join(mut self, settings: &Settings, process: Process) -> Result<(), ConfigError> {
+    pub async fn join(mut self, settings: &Settings) -> Result<(), ConfigError> {
         let mut refused = None;
         while let Some(joined) = self.tasks.join_next().await {
             if let Ok(Some(Refused(detail))) = joined {
                 refused.get_or_insert(detail);
             }
         }
-        let (user, role) = match process {
-            Process::Producer => (&settings.amqp.producer.user, "producer"),
-            Process::Consumer => (&settings.amqp.consumer.user, "consumer"),
-        };
+        let (user, role) = user_of(self.process, settings);
         match refused {
             Some(detail) => Err(ConfigError::BrokerAccess {
-                user: user.clone(),
+                user: user.user.clone(),
                 role,
                 detail,
             }),
             None => Ok(()),
         }
+    }
+}
+
+/// Runs a relay or worker; if the broker refused it, tells the process to
+/// stop and hands back the broker's words.
+async fn watched(
+    refused: mpsc::Sender<()>,
+    run: impl Future<Output = Option<String>>,
+) -> Option<Refused> {
+    let detail = run.await?;
+    let _ = refused.try_send(());
+    Some(Refused(detail))
+}
+
+/// Who `process` logs in to the broker as, and that login's settings key.
+fn user_of(process: Process, settings: &Settings) -> (&BrokerUser, &'static str) {
+    match process {
+        Process::Producer => (&settings.amqp.producer, "producer"),
+        Process::Consumer => (&settings.amqp.consumer, "consumer"),
     }
 }
 

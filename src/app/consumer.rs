@@ -5,14 +5,8 @@
 use axum::{Json, Router, routing::get};
 use tokio::net::TcpListener;
 
-use super::background::{Background, refusal_channel};
-use crate::{
-    amqp::broker_pool_sized,
-    config::Settings,
-    registry::{self, Process},
-    shutdown::Shutdown,
-    store,
-};
+use super::background::Background;
+use crate::{config::Settings, registry::Process, store};
 
 pub const APP_ID: &str = "courier-consumer";
 
@@ -25,30 +19,8 @@ pub async fn run_until_stopped(
     stats_listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let (refused_tx, mut refused_rx) = refusal_channel();
-    let shutdown = Shutdown::on(async move {
-        tokio::select! {
-            () = shutdown => {}
-            _ = refused_rx.recv() => {}
-        }
-    });
-    let workers = registry::workers_to_run(Process::Consumer, &settings)?;
     let db = store::pool(&settings.database)?;
-    // A connection per worker session, and one the relay borrows.
-    let broker = broker_pool_sized(
-        &settings.amqp,
-        &settings.amqp.consumer,
-        APP_ID,
-        workers.len() + 1,
-    )?;
-    let background = Background::start(
-        Process::Consumer,
-        &settings,
-        &db,
-        &broker,
-        &shutdown,
-        refused_tx,
-    )?;
+    let (background, shutdown) = Background::start(Process::Consumer, &settings, &db, shutdown)?;
     let stats = background.stats().clone();
 
     tracing::info!(
@@ -76,7 +48,7 @@ pub async fn run_until_stopped(
         .await
     });
 
-    let stopped = background.join(&settings, Process::Consumer).await;
+    let stopped = background.join(&settings).await;
     server.abort();
     tracing::info!(stats = ?stats.snapshot(), "consumer stopped");
     Ok(stopped?)

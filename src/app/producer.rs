@@ -4,15 +4,8 @@
 
 use tokio::net::TcpListener;
 
-use super::background::{Background, refusal_channel};
-use crate::{
-    amqp::broker_pool_sized,
-    config::Settings,
-    http,
-    registry::{self, Process},
-    shutdown::Shutdown,
-    store,
-};
+use super::background::Background;
+use crate::{config::Settings, http, registry::Process, store};
 
 pub const APP_ID: &str = "courier-producer";
 
@@ -27,32 +20,12 @@ pub async fn run_until_stopped(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let (refused_tx, mut refused_rx) = refusal_channel();
-    let shutdown = Shutdown::on(async move {
-        tokio::select! {
-            () = shutdown => {}
-            _ = refused_rx.recv() => {}
-        }
-    });
     // The API's connections are its own: background work never takes the
     // API's last connection, and a request never waits behind a relay step.
     let api_db = store::pool(&settings.database)?;
     let background_db = store::pool(&settings.database)?;
-    let workers = registry::workers_to_run(Process::Producer, &settings)?;
-    let broker = broker_pool_sized(
-        &settings.amqp,
-        &settings.amqp.producer,
-        APP_ID,
-        workers.len() + 1,
-    )?;
-    let background = Background::start(
-        Process::Producer,
-        &settings,
-        &background_db,
-        &broker,
-        &shutdown,
-        refused_tx,
-    )?;
+    let (background, shutdown) =
+        Background::start(Process::Producer, &settings, &background_db, shutdown)?;
 
     tracing::info!(listen = %listener.local_addr()?, broker = %settings.amqp.display_addr_as(&settings.amqp.producer), "order service up");
     let api_shutdown = shutdown.clone();
@@ -60,7 +33,7 @@ pub async fn run_until_stopped(
         api_shutdown.wait().await;
     })
     .await?;
-    let stopped = background.join(&settings, Process::Producer);
+    let stopped = background.join(&settings);
     match tokio::time::timeout(settings.shutdown.deadline, stopped).await {
         Err(_) => {
             tracing::warn!("relay or workers did not stop within the shutdown deadline");

@@ -5,13 +5,13 @@
 //! Which handler serves which queue is the registry's ([`crate::registry`]).
 
 pub mod notification;
+pub mod recording;
 pub mod refund;
 pub mod refund_status;
 pub mod shipping_sync;
 
 use std::{pin::Pin, time::Duration};
 
-use diesel_async::AsyncPgConnection;
 use uuid::Uuid;
 
 use crate::{
@@ -219,98 +219,4 @@ pub fn fill(
         .into_iter()
         .map(|o| o.unwrap_or_else(&missing))
         .collect()
-}
-
-/// A batch's database write, done in one transaction for all its items.
-pub trait RecordBatch<T: Sync>: Sync {
-    /// What recording one item did.
-    type Recorded: Send;
-
-    /// Records `items` in one transaction: one result per item, in order.
-    fn record<'c>(
-        &'c self,
-        conn: &'c mut AsyncPgConnection,
-        items: &'c [T],
-    ) -> impl Future<Output = Result<Vec<Self::Recorded>, StoreError>> + Send + 'c;
-}
-
-/// Records `items` in one commit; if that commit fails for a reason other
-/// than the connection, records each item again on its own, so one bad item
-/// fails alone and its neighbours are still recorded (DESIGN §10).
-pub async fn record_batch<T: Sync, B: RecordBatch<T>>(
-    db: &DbPool,
-    recorder: &B,
-    items: &[T],
-) -> Vec<Result<B::Recorded, StoreError>> {
-    if items.is_empty() {
-        return Vec::new();
-    }
-    let batch = match db.get().await {
-        Ok(mut conn) => recorder.record(&mut conn, items).await,
-        Err(e) => Err(e.into()),
-    };
-    match batch {
-        Ok(recorded) => recorded.into_iter().map(Ok).collect(),
-        Err(StoreError::Query(error)) if items.len() > 1 => {
-            tracing::warn!(%error, "batch commit failed; recording its items one by one");
-            let mut each = Vec::with_capacity(items.len());
-            for item in items {
-                let one = match db.get().await {
-                    Ok(mut conn) => recorder.record(&mut conn, std::slice::from_ref(item)).await,
-                    Err(e) => Err(e.into()),
-                };
-                each.push(one.and_then(|mut recorded| {
-                    recorded.pop().ok_or_else(|| {
-                        StoreError::Query(diesel::result::Error::QueryBuilderError(
-                            "recording one item returned no outcome".into(),
-                        ))
-                    })
-                }));
-            }
-            each
-        }
-        Err(StoreError::Unavailable(message)) => items
-            .iter()
-            .map(|_| Err(StoreError::Unavailable(message.clone())))
-            .collect(),
-        // One item: its own failure.
-        Err(error) => vec![Err(error)],
-    }
-}
-
-/// A batch handled by one database write and nothing else: `item_of` turns
-/// each delivery into what to record (or its failure), [`record_batch`]
-/// records them all, and `outcome_of` turns each item's record into its
-/// delivery's outcome.
-pub async fn handle_by_recording<T: Sync, B: RecordBatch<T>>(
-    db: &DbPool,
-    recorder: &B,
-    batch: &[Work<'_>],
-    item_of: impl Fn(&Work<'_>) -> Result<T, HandlerError> + Sync,
-    outcome_of: impl Fn(&T, B::Recorded) -> Result<Handled, HandlerError> + Sync,
-) -> Outcomes {
-    let mut outcomes: Vec<Option<Result<Handled, HandlerError>>> =
-        batch.iter().map(|_| None).collect();
-    let mut items = Vec::with_capacity(batch.len());
-    let mut positions = Vec::with_capacity(batch.len());
-    for (i, work) in batch.iter().enumerate() {
-        match item_of(work) {
-            Ok(item) => {
-                items.push(item);
-                positions.push(i);
-            }
-            Err(refused) => outcomes[i] = Some(Err(refused)),
-        }
-    }
-    let recorded = record_batch(db, recorder, &items).await;
-    for ((i, item), recorded) in positions.into_iter().zip(&items).zip(recorded) {
-        outcomes[i] = Some(
-            recorded
-                .map_err(HandlerError::from)
-                .and_then(|r| outcome_of(item, r)),
-        );
-    }
-    fill(outcomes, || {
-        Err(HandlerError::Transient("no outcome recorded".to_owned()))
-    })
 }

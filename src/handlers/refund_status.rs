@@ -7,77 +7,59 @@
 //! It runs in the order service's process, as the order service's broker
 //! user: the refund context never writes the order service's tables itself.
 
-use std::time::Duration;
-
 use diesel_async::AsyncPgConnection;
 
-use super::{Handled, Handler, HandlerError, Outcomes, RecordBatch, Work, handle_by_recording};
+use super::{Handled, HandlerError, Work, recording::Recording};
 use crate::{
     domain::{IncomingEvent, RefundStatus},
     store::{
-        DbPool, StoreError,
+        StoreError,
         orders::{self, RefundReport, ReportRecorded},
     },
 };
 
 pub const NAME: &str = "orders.refund-status";
 
-pub struct RefundStatusHandler {
-    db: DbPool,
-}
+pub struct RefundStatusRecording;
 
-impl RefundStatusHandler {
-    pub fn new(db: DbPool) -> Self {
-        Self { db }
-    }
-}
-
-impl RecordBatch<RefundReport> for RefundStatusHandler {
+impl Recording for RefundStatusRecording {
+    const NAME: &'static str = NAME;
+    type Item = RefundReport;
     type Recorded = ReportRecorded;
 
+    fn item_of(work: &Work<'_>) -> Result<RefundReport, HandlerError> {
+        let (order_id, status) = match work.event {
+            IncomingEvent::RefundCompleted(e) => (e.order_id, RefundStatus::completed(e)),
+            IncomingEvent::RefundFailed(e) => (e.order_id, RefundStatus::failed(e)),
+            other => return Err(HandlerError::unexpected(NAME, other)),
+        };
+        Ok(RefundReport {
+            message_id: work.message_id,
+            order_id,
+            status,
+        })
+    }
+
     async fn record(
-        &self,
         conn: &mut AsyncPgConnection,
         items: &[RefundReport],
     ) -> Result<Vec<ReportRecorded>, StoreError> {
         orders::record_refund_reports_with_inbox(conn, NAME, items).await
     }
-}
 
-impl Handler for RefundStatusHandler {
-    fn name(&self) -> &str {
-        NAME
-    }
-
-    /// Records the batch's reports and their inbox rows in one transaction;
-    /// no external call, so `deadline` is not needed.
-    async fn handle_batch(&self, batch: &[Work<'_>], _deadline: Duration) -> Outcomes {
-        handle_by_recording(
-            &self.db,
-            self,
-            batch,
-            |work| {
-                let (order_id, status) = match work.event {
-                    IncomingEvent::RefundCompleted(e) => (e.order_id, RefundStatus::completed(e)),
-                    IncomingEvent::RefundFailed(e) => (e.order_id, RefundStatus::failed(e)),
-                    other => return Err(HandlerError::unexpected(NAME, other)),
-                };
-                Ok(RefundReport {
-                    message_id: work.message_id,
-                    order_id,
-                    status,
-                })
-            },
-            |report, recorded| match recorded {
-                ReportRecorded::Changed => Ok(Handled::Done),
-                ReportRecorded::Unchanged => Ok(Handled::Skipped),
-                ReportRecorded::AlreadyProcessed => Ok(Handled::AlreadyProcessed),
-                ReportRecorded::UnknownOrder => Err(HandlerError::Permanent(format!(
-                    "order {} does not exist",
-                    report.order_id
-                ))),
-            },
-        )
-        .await
+    fn outcome_of(
+        report: &RefundReport,
+        recorded: ReportRecorded,
+    ) -> Result<Handled, HandlerError> {
+        match recorded {
+            ReportRecorded::Changed => Ok(Handled::Done),
+            // Superseded: `refunded` already, or a newer failure.
+            ReportRecorded::Unchanged => Ok(Handled::Skipped),
+            ReportRecorded::AlreadyProcessed => Ok(Handled::AlreadyProcessed),
+            ReportRecorded::UnknownOrder => Err(HandlerError::Permanent(format!(
+                "order {} does not exist",
+                report.order_id
+            ))),
+        }
     }
 }

@@ -155,11 +155,11 @@ async fn refund_is_made_once_when_consumer_is_sigkilled_mid_run() {
     );
 }
 
-/// Orders queued before the consumer starts, so its deliveries arrive
-/// together and share commits; the consumer aborts on every life's second
-/// batch commit, before any of that batch's acks.
-#[tokio::test]
-async fn refunds_are_made_once_when_consumer_dies_after_a_batch_commit_before_its_acks() {
+/// A run with the gateway and the order service up, whose consumer (not yet
+/// started) takes batches of up to 8 and aborts on every life's second batch
+/// commit, before any of that batch's acks. Work queued before it starts
+/// arrives together, so its batches are full.
+async fn run_dying_after_second_batch_commit() -> Run {
     let mut run = Run::new(|f| {
         f.merge(Serialized::default("consumer.prefetch", 8))
             .merge(Serialized::default("consumer.concurrency", 8))
@@ -175,6 +175,15 @@ async fn refunds_are_made_once_when_consumer_dies_after_a_batch_commit_before_it
     );
     run.spawn(GATEWAY).await;
     run.spawn(PRODUCER).await;
+    run
+}
+
+/// Orders queued before the consumer starts, so its deliveries arrive
+/// together and share commits; the consumer aborts on every life's second
+/// batch commit, before any of that batch's acks.
+#[tokio::test]
+async fn refunds_are_made_once_when_consumer_dies_after_a_batch_commit_before_its_acks() {
+    let mut run = run_dying_after_second_batch_commit().await;
     let orders: HashSet<_> = run
         .cancel_orders(ORDERS * 2, "pay-batch-crash")
         .await
@@ -256,21 +265,7 @@ async fn refund_status_is_recorded_once_when_the_refund_relay_dies_after_confirm
 /// every life's second batch commit, before any of that batch's acks.
 #[tokio::test]
 async fn shipping_sync_converges_when_killed_after_a_batch_commit_before_its_acks() {
-    let mut run = Run::new(|f| {
-        f.merge(Serialized::default("consumer.prefetch", 8))
-            .merge(Serialized::default("consumer.concurrency", 8))
-            .merge(Serialized::default("consumer.batch_size", 8))
-    })
-    .await;
-    run.set_env(
-        CONSUMER,
-        &[
-            ("COURIER_CRASH_AT", CrashPoint::AfterBatchCommit.name()),
-            ("COURIER_CRASH_AFTER", "2"),
-        ],
-    );
-    run.spawn(GATEWAY).await;
-    run.spawn(PRODUCER).await;
+    let mut run = run_dying_after_second_batch_commit().await;
     let orders: HashSet<_> = run
         .change_addresses(ORDERS / 2, 4, "ship-crash")
         .await
