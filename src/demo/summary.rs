@@ -85,6 +85,9 @@ impl Summary {
                 "    duplicates absorbed".into(),
                 stats.duplicates.to_string(),
             ));
+            if stats.skipped > 0 {
+                counts.push(("    skipped as stale".into(), stats.skipped.to_string()));
+            }
             for (queue, count) in &stats.retried {
                 counts.push((format!("    retried via {queue}"), count.to_string()));
             }
