@@ -1,11 +1,13 @@
 //! The checker: compares ground truth after a run. Canceled orders vs refunds
 //! in our database vs the gateway's ledger vs dead letters vs pending outbox
-//! rows. A run passes only with nothing lost, nothing doubled, nothing stuck.
+//! rows, each canceled order's refund status, and the shipping read model
+//! against the orders. A run passes only with nothing lost, nothing doubled,
+//! nothing stuck, every canceled order's refund status set and agreeing with
+//! its refund, and the read model converged.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use diesel::prelude::*;
-use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use diesel_async::AsyncPgConnection;
 use lapin::{
     Connection,
     options::{BasicGetOptions, BasicNackOptions},
@@ -18,11 +20,14 @@ use crate::{
         topology::dead_letter_queue,
     },
     config::{AmqpSettings, GatewaySettings},
-    domain::{OrderCanceled, OrderState, RefundKey},
+    domain::{RefundKey, RefundStatus},
     gateway::client::{GatewayClient, LedgerEntry},
     handlers::refund,
-    store::schema,
+    store::ground_truth::{self, ShippingFacts},
 };
+
+/// How the report names a canceled order that has no refund status yet.
+pub const NO_STATUS: &str = "none";
 
 /// What the checker found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -49,6 +54,22 @@ pub struct Report {
     /// then the delivery limit). Not doubled, not lost: replaying the dead
     /// letter gets the same refund back from the gateway and records it.
     pub refunded_but_shelved: Vec<Uuid>,
+    /// Canceled orders by refund status (`refunded`, `refund_failed`, `none`).
+    pub refund_statuses: BTreeMap<String, usize>,
+    /// Canceled orders with no refund status although their refund was
+    /// decided (refunded or dead-lettered by us). Those the broker itself
+    /// shelved (`delivery-limit`) are apart: no code of ours saw them go.
+    pub without_status: Vec<Uuid>,
+    /// Canceled orders shelved by the broker's delivery limit, with no status.
+    pub shelved_by_broker_without_status: Vec<Uuid>,
+    /// Canceled orders whose status says other than their refund record:
+    /// `refunded` without a refund, or a refund without `refunded`.
+    pub status_mismatch: Vec<Uuid>,
+    /// Orders whose shipping address changed, in scope.
+    pub shipping_changed: usize,
+    /// Of those, the ones the shipping read model does not hold at the
+    /// newest version and the order's address.
+    pub unconverged: Vec<Uuid>,
 }
 
 impl Report {
@@ -57,12 +78,65 @@ impl Report {
     }
 
     /// Every cancellation has an outcome, none was doubled or left in the
-    /// outbox, and no money moved for an order nobody canceled.
+    /// outbox, no money moved for an order nobody canceled, every decided
+    /// refund shows on its order, and the read model converged.
     pub fn passed(&self) -> bool {
         self.lost.is_empty()
             && self.doubled.is_empty()
             && self.without_cancel.is_empty()
             && self.stuck == 0
+            && self.without_status.is_empty()
+            && self.status_mismatch.is_empty()
+            && self.unconverged.is_empty()
+    }
+}
+
+impl Report {
+    /// The table lines about refund statuses and the shipping read model,
+    /// as `courier check` prints them: (label, value).
+    pub fn event_model_lines(&self) -> Vec<(String, String)> {
+        let mut lines: Vec<(String, String)> = self
+            .refund_statuses
+            .iter()
+            .map(|(status, n)| (format!("refund status {status}"), n.to_string()))
+            .collect();
+        lines.extend([
+            (
+                "without a refund status".to_owned(),
+                self.without_status.len().to_string(),
+            ),
+            (
+                "shelved by the broker, no status".to_owned(),
+                self.shelved_by_broker_without_status.len().to_string(),
+            ),
+            (
+                "status disagrees with refund".to_owned(),
+                self.status_mismatch.len().to_string(),
+            ),
+            (
+                "orders whose address changed".to_owned(),
+                self.shipping_changed.to_string(),
+            ),
+            (
+                "shipping read model behind".to_owned(),
+                self.unconverged.len().to_string(),
+            ),
+        ]);
+        lines
+    }
+
+    /// Each order that fails the refund-status or read-model checks, with why.
+    pub fn event_model_findings(&self) -> impl Iterator<Item = (&'static str, &Uuid)> {
+        [
+            ("no refund status", &self.without_status),
+            (
+                "refund status disagrees with the refund",
+                &self.status_mismatch,
+            ),
+            ("shipping read model behind", &self.unconverged),
+        ]
+        .into_iter()
+        .flat_map(|(what, orders)| orders.iter().map(move |order| (what, order)))
     }
 }
 
@@ -91,7 +165,7 @@ pub async fn peek_dead_letters(
         let kind = envelope::header_text(properties, headers::ERROR_KIND).unwrap_or_else(|| {
             // The broker dead-lettered it itself: a consumer crash loop hit
             // the queue's delivery limit.
-            "delivery-limit".to_owned()
+            BROKER_SHELVED.to_owned()
         });
         letters.push(DeadLetter {
             message_id: properties.message_id().as_ref().map(ToString::to_string),
@@ -115,19 +189,24 @@ pub async fn peek_dead_letters(
     Ok(letters)
 }
 
-/// What our database says: each canceled order's event, its refunds, and
-/// the events still pending. Load it *before* reading the gateway's ledger and
-/// the dead letters: a refund committed in between is then in the ledger too,
-/// never in our database alone.
+/// What our database says: each canceled order's event, its refunds and its
+/// refund status, the events still pending, and the shipping read model.
+/// Load it *before* reading the gateway's ledger and the dead letters: a
+/// refund committed in between is then in the ledger too, never in our
+/// database alone.
 #[derive(Debug, Clone, Default)]
 pub struct DatabaseFacts {
     /// Event id -> order id, for every `order.canceled` in scope.
     events: HashMap<Uuid, Uuid>,
-    /// Every canceled order in the database, in scope or not: a ledger refund
-    /// for anything else moved money nobody decided on.
-    all_canceled: HashSet<Uuid>,
+    /// Every canceled order in the database, in scope or not (a ledger
+    /// refund for anything else moved money nobody decided on), with its
+    /// refund status.
+    all_canceled: HashMap<Uuid, Option<String>>,
     refund_order_ids: Vec<Uuid>,
-    pending_event_ids: Vec<Uuid>,
+    /// Pending events' aggregates, in scope.
+    pending_aggregates: Vec<Uuid>,
+    /// Orders in scope whose shipping address changed.
+    shipping: Vec<ShippingFacts>,
 }
 
 impl DatabaseFacts {
@@ -136,35 +215,40 @@ impl DatabaseFacts {
         db: &mut AsyncPgConnection,
         scope: Option<&HashSet<Uuid>>,
     ) -> Result<Self, diesel::result::Error> {
-        use schema::{orders, outbox, refunds};
-        let events: Vec<(Uuid, String)> = outbox::table
-            .filter(outbox::event_type.eq(OrderCanceled::TYPE))
-            .select((outbox::event_id, outbox::aggregate_id))
-            .load(db)
-            .await?;
-        let events = events
+        let in_scope = |order: &Uuid| scope.is_none_or(|s| s.contains(order));
+        let order_of = |(event, aggregate): (Uuid, String)| {
+            Uuid::parse_str(&aggregate)
+                .ok()
+                .filter(|order| in_scope(order))
+                .map(|order| (event, order))
+        };
+        let events = ground_truth::canceled_events(db)
+            .await?
             .into_iter()
-            .filter_map(|(event, order)| Uuid::parse_str(&order).ok().map(|o| (event, o)))
-            .filter(|(_, order)| scope.is_none_or(|s| s.contains(order)))
+            .filter_map(order_of)
             .collect();
-        let all_canceled = orders::table
-            .filter(orders::state.eq(OrderState::Canceled.as_str()))
-            .select(orders::id)
-            .load::<Uuid>(db)
+        let all_canceled = ground_truth::canceled_orders(db)
             .await?
             .into_iter()
             .collect();
-        let refund_order_ids = refunds::table.select(refunds::order_id).load(db).await?;
-        let pending_event_ids = outbox::table
-            .filter(outbox::published_at.is_null())
-            .select(outbox::event_id)
-            .load(db)
-            .await?;
+        let refund_order_ids = ground_truth::refunded_orders(db).await?;
+        let pending_aggregates = ground_truth::pending_events(db)
+            .await?
+            .into_iter()
+            .filter_map(order_of)
+            .map(|(_, order)| order)
+            .collect();
+        let shipping = ground_truth::shipping(db)
+            .await?
+            .into_iter()
+            .filter(|s| in_scope(&s.order_id))
+            .collect();
         Ok(Self {
             events,
             all_canceled,
             refund_order_ids,
-            pending_event_ids,
+            pending_aggregates,
+            shipping,
         })
     }
 }
@@ -230,7 +314,7 @@ pub fn check(
     let mut without_cancel = Vec::new();
     for entry in ledger {
         match ledger_order(entry, events) {
-            Some(order) if facts.all_canceled.contains(&order) => {
+            Some(order) if facts.all_canceled.contains_key(&order) => {
                 if orders.contains(&order) {
                     *ledger_per_order.entry(order).or_default() += 1;
                 }
@@ -240,6 +324,7 @@ pub fn check(
     }
     let mut dead_lettered = BTreeMap::new();
     let mut dead_orders = HashSet::new();
+    let mut shelved_by_broker = HashSet::new();
     for letter in refund_dead_letters {
         let order = letter
             .message_id
@@ -250,13 +335,22 @@ pub fn check(
             && dead_orders.insert(*order)
         {
             *dead_lettered.entry(letter.kind.clone()).or_default() += 1;
+            if letter.kind == BROKER_SHELVED {
+                shelved_by_broker.insert(*order);
+            }
         }
     }
-    let stuck = facts
-        .pending_event_ids
-        .iter()
-        .filter(|e| events.contains_key(e))
-        .count();
+    let stuck = facts.pending_aggregates.len();
+    let statuses = refund_statuses(facts, &orders, &refunds_per_order, &shelved_by_broker);
+    let unconverged = sorted(
+        facts
+            .shipping
+            .iter()
+            .filter(|s| {
+                s.applied_version != Some(s.newest_version) || s.applied_address != s.address
+            })
+            .map(|s| s.order_id),
+    );
 
     let mut lost: Vec<Uuid> = orders
         .iter()
@@ -282,6 +376,12 @@ pub fn check(
     Report {
         without_cancel,
         refunded_but_shelved,
+        refund_statuses: statuses.counts,
+        without_status: statuses.missing,
+        shelved_by_broker_without_status: statuses.broker_shelved,
+        status_mismatch: statuses.mismatch,
+        shipping_changed: facts.shipping.len(),
+        unconverged,
         canceled: orders.len(),
         refunded: refunds_per_order.len(),
         refunds_in_gateway: ledger_per_order.values().sum(),
@@ -289,6 +389,58 @@ pub fn check(
         lost,
         doubled,
         stuck: i64::try_from(stuck).unwrap_or(i64::MAX),
+    }
+}
+
+/// How a dead letter the broker made itself (a consumer crash loop hit the
+/// queue's delivery limit) is named.
+pub const BROKER_SHELVED: &str = "delivery-limit";
+
+fn sorted(ids: impl Iterator<Item = Uuid>) -> Vec<Uuid> {
+    let mut ids: Vec<Uuid> = ids.collect();
+    ids.sort();
+    ids
+}
+
+/// The refund statuses of the canceled orders in scope, and what is wrong with them.
+struct Statuses {
+    counts: BTreeMap<String, usize>,
+    missing: Vec<Uuid>,
+    broker_shelved: Vec<Uuid>,
+    mismatch: Vec<Uuid>,
+}
+
+fn refund_statuses(
+    facts: &DatabaseFacts,
+    orders: &HashSet<Uuid>,
+    refunds_per_order: &HashMap<Uuid, usize>,
+    shelved_by_broker: &HashSet<Uuid>,
+) -> Statuses {
+    let status_of = |order: &Uuid| facts.all_canceled.get(order).cloned().flatten();
+    let mut counts = BTreeMap::new();
+    for order in orders {
+        let status = status_of(order).unwrap_or_else(|| NO_STATUS.to_owned());
+        *counts.entry(status).or_default() += 1;
+    }
+    let without = || orders.iter().filter(|o| status_of(o).is_none());
+    Statuses {
+        counts,
+        missing: sorted(
+            without()
+                .filter(|o| !shelved_by_broker.contains(o))
+                .copied(),
+        ),
+        broker_shelved: sorted(without().filter(|o| shelved_by_broker.contains(o)).copied()),
+        mismatch: sorted(
+            orders
+                .iter()
+                .filter(|o| {
+                    let refunded = status_of(o).as_deref() == Some(RefundStatus::REFUNDED);
+                    let has_status = status_of(o).is_some();
+                    has_status && refunded != refunds_per_order.contains_key(o)
+                })
+                .copied(),
+        ),
     }
 }
 
@@ -320,13 +472,84 @@ mod tests {
     /// Three canceled orders: (event, order) pairs.
     fn facts(refunded: &[usize], pending: &[usize]) -> (DatabaseFacts, Vec<(Uuid, Uuid)>) {
         let pairs: Vec<(Uuid, Uuid)> = (0..3).map(|_| (Uuid::now_v7(), Uuid::now_v7())).collect();
+        let refunded_status = |i: usize| {
+            refunded
+                .contains(&i)
+                .then(|| RefundStatus::REFUNDED.to_owned())
+        };
         let facts = DatabaseFacts {
             events: pairs.iter().copied().collect(),
-            all_canceled: pairs.iter().map(|(_, order)| *order).collect(),
+            all_canceled: pairs
+                .iter()
+                .enumerate()
+                .map(|(i, (_, order))| (*order, refunded_status(i)))
+                .collect(),
             refund_order_ids: refunded.iter().map(|i| pairs[*i].1).collect(),
-            pending_event_ids: pending.iter().map(|i| pairs[*i].0).collect(),
+            pending_aggregates: pending.iter().map(|i| pairs[*i].1).collect(),
+            shipping: Vec::new(),
         };
         (facts, pairs)
+    }
+
+    fn ledger_of(pairs: &[(Uuid, Uuid)]) -> Vec<LedgerEntry> {
+        pairs.iter().map(|(_, order)| entry(*order)).collect()
+    }
+
+    #[test]
+    fn a_canceled_order_without_a_refund_status_fails_the_check() {
+        let (mut facts, pairs) = facts(&[0, 1], &[]);
+        let shelved = letter(pairs[2].0, "permanent");
+        let report = check(
+            &facts,
+            &ledger_of(&pairs[..2]),
+            std::slice::from_ref(&shelved),
+        );
+        assert_eq!(report.without_status, vec![pairs[2].1]);
+        assert_eq!(report.refund_statuses.get(NO_STATUS), Some(&1));
+        assert!(!report.passed());
+        facts
+            .all_canceled
+            .insert(pairs[2].1, Some(RefundStatus::REFUND_FAILED.to_owned()));
+        let report = check(&facts, &ledger_of(&pairs[..2]), &[shelved]);
+        assert!(report.passed(), "{report:?}");
+        assert_eq!(report.refund_statuses.get("refund_failed"), Some(&1));
+        assert_eq!(report.refund_statuses.get("refunded"), Some(&2));
+    }
+
+    #[test]
+    fn a_refund_status_that_disagrees_with_the_refund_record_fails_the_check() {
+        let (mut facts, pairs) = facts(&[0, 1, 2], &[]);
+        facts
+            .all_canceled
+            .insert(pairs[1].1, Some(RefundStatus::REFUND_FAILED.to_owned()));
+        let report = check(&facts, &ledger_of(&pairs), &[]);
+        assert_eq!(report.status_mismatch, vec![pairs[1].1]);
+        assert!(!report.passed());
+    }
+
+    #[test]
+    fn a_read_model_behind_the_newest_shipping_change_fails_the_check() {
+        let (mut facts, pairs) = facts(&[0, 1, 2], &[]);
+        let shipping = |applied: i64| ShippingFacts {
+            order_id: pairs[0].1,
+            address: Some("2 High St".into()),
+            newest_version: 3,
+            applied_address: Some(
+                if applied == 3 {
+                    "2 High St"
+                } else {
+                    "1 Main St"
+                }
+                .into(),
+            ),
+            applied_version: Some(applied),
+        };
+        facts.shipping = vec![shipping(2)];
+        let report = check(&facts, &ledger_of(&pairs), &[]);
+        assert_eq!(report.unconverged, vec![pairs[0].1]);
+        assert!(!report.passed());
+        facts.shipping = vec![shipping(3)];
+        assert!(check(&facts, &ledger_of(&pairs), &[]).passed());
     }
 
     #[test]

@@ -136,8 +136,12 @@ impl AmqpSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TopologySettings {
+    /// The order service's events, and where those no queue takes go.
     pub events_exchange: String,
     pub unrouted_exchange: String,
+    /// The refund context's events, and where those no queue takes go.
+    pub refund_events_exchange: String,
+    pub refund_unrouted_exchange: String,
     pub delivery_limit: u32,
     #[serde(deserialize_with = "durations")]
     pub retry_delays: Vec<Duration>,
@@ -241,9 +245,6 @@ pub struct HttpSettings {
     pub max_connections: usize,
 }
 
-/// The known consumer workers; `consumer.workers` may name only these.
-pub const KNOWN_WORKERS: &[&str] = &["refunds", "notifications"];
-
 impl Settings {
     /// Loads the layered configuration from `dir` (usually `./config`) for
     /// `environment`, with `COURIER__*` variables on top, and validates it.
@@ -328,6 +329,8 @@ impl Settings {
         Ok(settings)
     }
 
+    /// What the settings can check alone; which workers exist is the
+    /// registry's to check ([`crate::registry::validate`]).
     fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |key: &str, reason: &str| {
             Err(ConfigError::Invalid {
@@ -364,20 +367,6 @@ impl Settings {
         }
         if self.consumer.batch_size == 0 {
             return invalid("consumer.batch_size", "must be at least 1");
-        }
-        if let Some(unknown) = self
-            .consumer
-            .workers
-            .iter()
-            .find(|w| !KNOWN_WORKERS.contains(&w.as_str()))
-        {
-            return invalid(
-                "consumer.workers",
-                &format!(
-                    "unknown worker `{unknown}`; known: {}",
-                    KNOWN_WORKERS.join(", ")
-                ),
-            );
         }
         if !(0.0..=1.0).contains(&self.gateway_simulator.transient_error_rate) {
             return invalid(

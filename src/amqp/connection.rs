@@ -9,17 +9,28 @@ use crate::config::{AmqpSettings, BrokerUser};
 
 pub type BrokerPool = deadpool_lapin::Pool;
 
-/// Builds a lazily connecting pool that logs in as `who`; `name` shows up as
-/// the connection name.
+/// Builds a lazily connecting pool of up to four connections that logs in as
+/// `who`; `name` shows up as the connection name.
 pub fn broker_pool(
     settings: &AmqpSettings,
     who: &BrokerUser,
     name: &str,
 ) -> anyhow::Result<BrokerPool> {
+    broker_pool_sized(settings, who, name, 4)
+}
+
+/// [`broker_pool`] with room for `size` connections: a worker holds one for
+/// its whole consume session, so a process needs at least one per worker.
+pub fn broker_pool_sized(
+    settings: &AmqpSettings,
+    who: &BrokerUser,
+    name: &str,
+    size: usize,
+) -> anyhow::Result<BrokerPool> {
     let name: LongString = name.to_owned().into();
     let config = Config {
         url: Some(settings.uri_as(who)),
-        pool: Some(deadpool_lapin::PoolConfig::new(4)),
+        pool: Some(deadpool_lapin::PoolConfig::new(size.max(1))),
     };
     config
         .create_pool(

@@ -1,14 +1,30 @@
-//! Our message contract (DESIGN.md §4) on AMQP properties and headers: how an
-//! outbox row becomes a message, what a delivery tells us, and how a retry or
-//! dead-letter copy is stamped.
+//! Our message contract (DESIGN.md §4) on AMQP properties and headers: how a
+//! stored event becomes a message, what a delivery tells us, and how a retry
+//! or dead-letter copy is stamped. It knows nothing of where events are
+//! stored: callers hand it an [`EventEnvelope`].
 
 use chrono::{DateTime, Utc};
 use lapin::{
     BasicProperties,
     types::{AMQPValue, FieldTable, LongString, ShortString},
 };
+use uuid::Uuid;
 
-use crate::store::outbox::OutboxRow;
+use crate::text::truncate_utf8;
+
+/// What the contract says about one event on the wire, besides its body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventEnvelope<'a> {
+    pub event_id: Uuid,
+    pub event_type: &'a str,
+    pub event_version: i32,
+    pub aggregate_type: &'a str,
+    pub aggregate_id: &'a str,
+    pub aggregate_version: i64,
+    pub content_type: &'a str,
+    pub occurred_at: DateTime<Utc>,
+    pub correlation_id: Option<&'a str>,
+}
 
 /// Header names of the contract.
 pub mod headers {
@@ -33,32 +49,33 @@ pub const CONTENT_TYPE_JSON: &str = "application/json";
 const PERSISTENT: u8 = 2;
 const LAST_ERROR_MAX_BYTES: usize = 1024;
 
-/// The properties an outbox row is published with.
-pub fn properties_for(row: &OutboxRow, app_id: &str) -> BasicProperties {
+/// The properties an event is published with.
+pub fn properties_for<'a>(event: impl Into<EventEnvelope<'a>>, app_id: &str) -> BasicProperties {
+    let event = event.into();
     let mut table = FieldTable::default();
     table.insert(
         headers::EVENT_VERSION.into(),
-        AMQPValue::LongInt(row.event_version),
+        AMQPValue::LongInt(event.event_version),
     );
-    table.insert(headers::AGGREGATE_TYPE.into(), text(&row.aggregate_type));
-    table.insert(headers::AGGREGATE_ID.into(), text(&row.aggregate_id));
+    table.insert(headers::AGGREGATE_TYPE.into(), text(event.aggregate_type));
+    table.insert(headers::AGGREGATE_ID.into(), text(event.aggregate_id));
     table.insert(
         headers::AGGREGATE_VERSION.into(),
-        AMQPValue::LongLongInt(row.aggregate_version),
+        AMQPValue::LongLongInt(event.aggregate_version),
     );
     table.insert(
         headers::OCCURRED_AT.into(),
-        text(&row.occurred_at.to_rfc3339()),
+        text(&event.occurred_at.to_rfc3339()),
     );
     let mut properties = BasicProperties::default()
-        .with_message_id(row.event_id.to_string().into())
-        .with_type(short(&row.event_type))
-        .with_content_type(short(&row.content_type))
+        .with_message_id(event.event_id.to_string().into())
+        .with_type(short(event.event_type))
+        .with_content_type(short(event.content_type))
         .with_delivery_mode(PERSISTENT)
-        .with_timestamp(u64::try_from(row.occurred_at.timestamp()).unwrap_or(0))
+        .with_timestamp(u64::try_from(event.occurred_at.timestamp()).unwrap_or(0))
         .with_app_id(short(app_id))
         .with_headers(table);
-    if let Some(correlation_id) = &row.correlation_id {
+    if let Some(correlation_id) = event.correlation_id {
         properties = properties.with_correlation_id(short(correlation_id));
     }
     properties
@@ -132,10 +149,7 @@ pub fn failure_copy(
     table.insert(headers::ERROR_KIND.into(), text(stamp.kind.as_str()));
     table.insert(
         headers::LAST_ERROR.into(),
-        text(&crate::store::outbox::truncate(
-            stamp.error,
-            LAST_ERROR_MAX_BYTES,
-        )),
+        text(&truncate_utf8(stamp.error, LAST_ERROR_MAX_BYTES)),
     );
     table.insert(headers::CONSUMER.into(), text(stamp.consumer));
     let mut copy = original
@@ -204,7 +218,7 @@ fn text(value: &str) -> AMQPValue {
 /// A short string, cut to AMQP's 255-byte limit instead of panicking on a
 /// long value from a caller.
 fn short(value: &str) -> ShortString {
-    ShortString::from(crate::store::outbox::truncate(value, 255))
+    ShortString::from(truncate_utf8(value, 255))
 }
 
 #[cfg(test)]

@@ -10,6 +10,6 @@ pub mod provision;
 pub mod publisher;
 pub mod topology;
 
-pub use connection::{BrokerPool, access_refused, broker_pool};
+pub use connection::{BrokerPool, access_refused, broker_pool, broker_pool_sized};
 pub use publisher::{ConfirmedPublisher, PublishError};
 pub use topology::{Topology, WorkerQueues};

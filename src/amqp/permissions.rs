@@ -6,11 +6,15 @@
 //! delete), `write` (publish to an exchange, bind a queue) and `read` (consume,
 //! get, purge a queue; bind from an exchange). Passive declares need none.
 //!
-//! - The producer's relay publishes to the events exchange and nothing else.
-//! - The consumer reads its work queues and publishes failure copies through
-//!   each worker's own failures exchange, which routes only to that worker's
-//!   retry tiers and dead-letter queue. No write on the default exchange: it
-//!   would reach every queue.
+//! - Each service's relay publishes to its own publisher's events exchange
+//!   and no other: the order service's to `orders.events`, the consumer's
+//!   (the refund context's) to `refunds.events`. So only the order service
+//!   can publish order events, and only the refund side refund events.
+//! - Each service reads the work queues of the workers it runs (the registry
+//!   says which) and publishes their failure copies through each worker's own
+//!   failures exchange, which routes only to that worker's retry tiers and
+//!   dead-letter queue. No write on the default exchange: it would reach
+//!   every queue.
 //! - Neither may configure anything: the topology is the operator's.
 //! - The operator (tag `management`) may do everything in the vhost.
 //!
@@ -19,6 +23,7 @@
 //! dead-letter queues, which it cannot read).
 
 use super::Topology;
+use crate::registry::Process;
 
 /// One user's grant on the vhost.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,20 +38,27 @@ const NOTHING: &str = "^$";
 const EVERYTHING: &str = ".*";
 
 impl Permissions {
-    pub fn producer(topology: &Topology) -> Self {
+    /// What the process running `process`'s relays and workers needs.
+    pub fn service(topology: &Topology, process: Process) -> Self {
+        let workers = || topology.workers_in(process);
         Self {
             configure: NOTHING.to_owned(),
-            write: exactly([topology.events_exchange.clone()]),
-            read: NOTHING.to_owned(),
+            write: exactly(
+                topology
+                    .relay_exchanges_of(process)
+                    .map(str::to_owned)
+                    .chain(workers().map(|w| w.failures_exchange())),
+            ),
+            read: exactly(workers().map(|w| w.work().to_owned())),
         }
     }
 
+    pub fn producer(topology: &Topology) -> Self {
+        Self::service(topology, Process::Producer)
+    }
+
     pub fn consumer(topology: &Topology) -> Self {
-        Self {
-            configure: NOTHING.to_owned(),
-            write: exactly(topology.workers.iter().map(|w| w.failures_exchange())),
-            read: exactly(topology.workers.iter().map(|w| w.work().to_owned())),
-        }
+        Self::service(topology, Process::Consumer)
     }
 
     pub fn operator() -> Self {
@@ -86,35 +98,47 @@ mod tests {
     use crate::amqp::WorkerQueues;
 
     fn topology() -> Topology {
-        let worker = |name: &str| WorkerQueues {
+        let worker = |name: &str, source: &str, runs_in: Process| WorkerQueues {
             name: name.to_owned(),
+            source_exchange: source.to_owned(),
             routing_keys: vec!["order.canceled"],
             retry_delays: vec![Duration::from_secs(1)],
+            runs_in,
         };
         Topology {
             events_exchange: "orders.events".into(),
             unrouted_exchange: "orders.unrouted".into(),
+            refund_events_exchange: "refunds.events".into(),
+            refund_unrouted_exchange: "refunds.unrouted".into(),
             delivery_limit: 10,
             work_queue_max_length: None,
-            workers: vec![worker("refunds"), worker("notifications")],
+            workers: vec![
+                worker("refunds", "orders.events", Process::Consumer),
+                worker("notifications", "orders.events", Process::Consumer),
+                worker("orders.refund-status", "refunds.events", Process::Producer),
+            ],
         }
     }
 
     #[test]
-    fn the_producer_may_only_publish_to_the_events_exchange() {
+    fn the_producer_publishes_order_events_and_reads_only_its_own_workers_queue() {
         let grant = Permissions::producer(&topology());
-        assert_eq!(grant.write, r"^(orders\.events)$");
+        assert_eq!(
+            grant.write,
+            r"^(orders\.events|orders\.refund-status\.failures)$"
+        );
+        assert_eq!(grant.read, r"^(orders\.refund-status)$");
         assert_eq!(grant.configure, "^$");
-        assert_eq!(grant.read, "^$");
     }
 
     #[test]
-    fn the_consumer_reads_its_work_queues_and_writes_its_failures_exchanges() {
+    fn the_consumer_publishes_refund_events_reads_its_work_queues_and_writes_its_failures_exchanges()
+     {
         let grant = Permissions::consumer(&topology());
         assert_eq!(grant.read, r"^(refunds|notifications)$");
         assert_eq!(
             grant.write,
-            r"^(refunds\.failures|notifications\.failures)$"
+            r"^(refunds\.events|refunds\.failures|notifications\.failures)$"
         );
         assert_eq!(grant.configure, "^$");
     }

@@ -1,5 +1,12 @@
-//! The broker objects of DESIGN.md §3, declared idempotently by every binary
-//! at start. Names come from config, so each test can run in its own vhost.
+//! The broker objects of DESIGN.md §3, declared idempotently by the operator
+//! (`courier topology apply`) and checked passively by the services. Names
+//! come from config, so each test can run in its own vhost; which workers
+//! exist, what they are bound to and who runs them comes from the registry.
+//!
+//! Two event exchanges, one per publisher, each with its alternate exchange:
+//! the order service's (`orders.events`) and the refund context's
+//! (`refunds.events`), so that each service's broker user can publish only
+//! its own context's events.
 
 use std::time::Duration;
 
@@ -9,15 +16,11 @@ use lapin::{
     types::{AMQPValue, FieldTable, LongString, ShortString},
 };
 
-use crate::{config::TopologySettings, domain::OrderCanceled};
-
-/// The event types each worker handles, which are also its binding keys.
-pub fn routing_keys_for(worker: &str) -> &'static [&'static str] {
-    match worker {
-        "refunds" | "notifications" => &[OrderCanceled::TYPE],
-        _ => &[],
-    }
-}
+use crate::{
+    config::TopologySettings,
+    domain::Publisher,
+    registry::{self, Process},
+};
 
 /// The parking lot of a worker's queue: `refunds` -> `refunds.dead`.
 pub fn dead_letter_queue(worker: &str) -> String {
@@ -28,8 +31,12 @@ pub fn dead_letter_queue(worker: &str) -> String {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkerQueues {
     pub name: String,
+    /// The exchange its work queue is bound to.
+    pub source_exchange: String,
     pub routing_keys: Vec<&'static str>,
     pub retry_delays: Vec<Duration>,
+    /// Whose broker user reads it and writes its failure copies.
+    pub runs_in: Process,
 }
 
 impl WorkerQueues {
@@ -65,45 +72,86 @@ impl WorkerQueues {
 
 #[derive(Debug, Clone)]
 pub struct Topology {
+    /// The order service's events exchange and its alternate exchange.
     pub events_exchange: String,
     pub unrouted_exchange: String,
+    /// The refund context's events exchange and its alternate exchange.
+    pub refund_events_exchange: String,
+    pub refund_unrouted_exchange: String,
     pub delivery_limit: u32,
     pub work_queue_max_length: Option<u32>,
     pub workers: Vec<WorkerQueues>,
 }
 
 impl Topology {
-    /// The whole topology: every known worker's queues are declared, whichever
-    /// workers this process runs, so no event is unroutable because a consumer
-    /// has not started yet.
+    /// The whole topology: every registered worker's queues are declared,
+    /// whichever workers this process runs, so no event is unroutable
+    /// because a consumer has not started yet.
     pub fn from_settings(settings: &TopologySettings) -> Self {
-        let workers = crate::config::KNOWN_WORKERS
-            .iter()
-            .map(|name| WorkerQueues {
-                name: (*name).to_owned(),
-                routing_keys: routing_keys_for(name).to_vec(),
-                retry_delays: settings.retry_delays.clone(),
-            })
-            .collect();
-        Self {
+        let mut topology = Self {
             events_exchange: settings.events_exchange.clone(),
             unrouted_exchange: settings.unrouted_exchange.clone(),
+            refund_events_exchange: settings.refund_events_exchange.clone(),
+            refund_unrouted_exchange: settings.refund_unrouted_exchange.clone(),
             delivery_limit: settings.delivery_limit,
             work_queue_max_length: settings.work_queue_max_length,
-            workers,
-        }
+            workers: Vec::new(),
+        };
+        topology.workers = registry::WORKERS
+            .iter()
+            .map(|entry| WorkerQueues {
+                name: entry.name.to_owned(),
+                source_exchange: topology.exchange_of(entry.source).to_owned(),
+                routing_keys: entry.routing_keys.to_vec(),
+                retry_delays: settings.retry_delays.clone(),
+                runs_in: entry.runs_in,
+            })
+            .collect();
+        topology
     }
 
     pub fn worker(&self, name: &str) -> Option<&WorkerQueues> {
         self.workers.iter().find(|w| w.name == name)
     }
 
-    /// Checks, without changing anything, that the exchange the relay
+    /// The workers `process` runs (whose queues its broker user reads).
+    pub fn workers_in(&self, process: Process) -> impl Iterator<Item = &WorkerQueues> {
+        self.workers.iter().filter(move |w| w.runs_in == process)
+    }
+
+    /// The exchange `publisher`'s relay publishes to.
+    pub fn exchange_of(&self, publisher: Publisher) -> &str {
+        match publisher {
+            Publisher::Orders => &self.events_exchange,
+            Publisher::Refunds => &self.refund_events_exchange,
+        }
+    }
+
+    fn unrouted_of(&self, publisher: Publisher) -> &str {
+        match publisher {
+            Publisher::Orders => &self.unrouted_exchange,
+            Publisher::Refunds => &self.refund_unrouted_exchange,
+        }
+    }
+
+    /// The exchanges `process`'s relays publish to.
+    pub fn relay_exchanges_of(&self, process: Process) -> impl Iterator<Item = &str> {
+        Publisher::ALL
+            .into_iter()
+            .filter(move |p| registry::relayed_by(*p) == process)
+            .map(|p| self.exchange_of(p))
+    }
+
+    /// Checks, without changing anything, that the exchange a relay
     /// publishes to exists. Passive declares need no permission, so a service
     /// user that may configure nothing can still tell a missing topology
     /// (404 NOT_FOUND) from a refused one (403 ACCESS_REFUSED).
-    pub async fn verify_for_relay(&self, channel: &Channel) -> Result<(), lapin::Error> {
-        passive_exchange(channel, &self.events_exchange).await
+    pub async fn verify_for_relay(
+        &self,
+        channel: &Channel,
+        publisher: Publisher,
+    ) -> Result<(), lapin::Error> {
+        passive_exchange(channel, self.exchange_of(publisher)).await
     }
 
     /// Checks that a worker's work queue and failures exchange exist.
@@ -135,36 +183,24 @@ impl Topology {
             durable: true,
             ..ExchangeDeclareOptions::default()
         };
-        channel
-            .exchange_declare(
-                self.unrouted_exchange.as_str().into(),
-                ExchangeKind::Fanout,
-                durable,
-                FieldTable::default(),
-            )
-            .await?;
-        declare_queue(channel, &self.unrouted_exchange, quorum_args()).await?;
-        bind(
-            channel,
-            &self.unrouted_exchange,
-            &self.unrouted_exchange,
-            "",
-        )
-        .await?;
-
-        let mut exchange_args = FieldTable::default();
-        exchange_args.insert(
-            "alternate-exchange".into(),
-            long_string(&self.unrouted_exchange),
-        );
-        channel
-            .exchange_declare(
-                self.events_exchange.as_str().into(),
-                ExchangeKind::Topic,
-                durable,
-                exchange_args,
-            )
-            .await?;
+        for publisher in Publisher::ALL {
+            let (events, unrouted) = (self.exchange_of(publisher), self.unrouted_of(publisher));
+            channel
+                .exchange_declare(
+                    unrouted.into(),
+                    ExchangeKind::Fanout,
+                    durable,
+                    FieldTable::default(),
+                )
+                .await?;
+            declare_queue(channel, unrouted, quorum_args()).await?;
+            bind(channel, unrouted, unrouted, "").await?;
+            let mut exchange_args = FieldTable::default();
+            exchange_args.insert("alternate-exchange".into(), long_string(unrouted));
+            channel
+                .exchange_declare(events.into(), ExchangeKind::Topic, durable, exchange_args)
+                .await?;
+        }
 
         for worker in &self.workers {
             channel
@@ -208,7 +244,7 @@ impl Topology {
             }
             declare_queue(channel, worker.work(), args).await?;
             for key in &worker.routing_keys {
-                bind(channel, worker.work(), &self.events_exchange, key).await?;
+                bind(channel, worker.work(), &worker.source_exchange, key).await?;
             }
         }
         Ok(())
@@ -297,7 +333,9 @@ mod tests {
     fn retry_queues_are_named_after_their_delay() {
         let worker = WorkerQueues {
             name: "refunds".into(),
+            source_exchange: "orders.events".into(),
             routing_keys: vec!["order.canceled"],
+            runs_in: Process::Consumer,
             retry_delays: vec![
                 Duration::from_millis(500),
                 Duration::from_secs(10),
@@ -315,5 +353,40 @@ mod tests {
         assert_eq!(worker.retry(3), None);
         assert_eq!(worker.dead(), "refunds.dead");
         assert_eq!(worker.failures_exchange(), "refunds.failures");
+    }
+
+    fn topology() -> anyhow::Result<Topology> {
+        let settings = crate::config::Settings::from_figment(crate::config::Settings::figment(
+            &std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config"),
+            "none",
+        ))?;
+        Ok(Topology::from_settings(&settings.topology))
+    }
+
+    #[test]
+    fn the_order_service_reads_refund_events_and_the_consumer_reads_order_events()
+    -> anyhow::Result<()> {
+        let topology = topology()?;
+        let status = topology
+            .worker("orders.refund-status")
+            .ok_or_else(|| anyhow::anyhow!("no refund-status worker"))?;
+        assert_eq!(status.source_exchange, "refunds.events");
+        assert_eq!(status.runs_in, Process::Producer);
+        assert_eq!(
+            status.routing_keys,
+            vec!["refund.completed", "refund.failed"]
+        );
+        let shipping = topology
+            .worker("shipping-sync")
+            .ok_or_else(|| anyhow::anyhow!("no shipping-sync worker"))?;
+        assert_eq!(shipping.source_exchange, "orders.events");
+        assert_eq!(shipping.routing_keys, vec!["order.shipping-info-changed"]);
+        assert_eq!(
+            topology
+                .relay_exchanges_of(Process::Consumer)
+                .collect::<Vec<_>>(),
+            vec!["refunds.events"]
+        );
+        Ok(())
     }
 }

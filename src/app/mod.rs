@@ -2,6 +2,7 @@
 //! settings and runs until the injected shutdown future resolves. Binaries
 //! are thin wrappers; tests call these directly with their own shutdown.
 
+mod background;
 pub mod consumer;
 pub mod producer;
 
@@ -24,7 +25,9 @@ where
     Fut: Future<Output = anyhow::Result<()>>,
 {
     crate::telemetry::init(name);
-    let settings = match Settings::load() {
+    let settings = match Settings::load()
+        .and_then(|settings| crate::registry::validate(&settings).map(|()| settings))
+    {
         Ok(settings) => settings,
         Err(error) => {
             eprintln!("{name}: {error}");

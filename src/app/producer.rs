@@ -1,72 +1,48 @@
-//! The order service: the HTTP API and the outbox relay in one process.
-
-use std::sync::Arc;
+//! The order service: the HTTP API, the order events' relay, and the
+//! workers that take the refund context's news back to the orders, in one
+//! process.
 
 use tokio::net::TcpListener;
 
-use crate::{
-    amqp::{Topology, broker_pool},
-    config::{ConfigError, Settings},
-    http,
-    outbox::{Relay, RelayError},
-    shutdown::Shutdown,
-    store,
-};
+use super::background::Background;
+use crate::{config::Settings, http, registry::Process, store};
 
 pub const APP_ID: &str = "courier-producer";
 
-/// Serves the API on `listener` and relays the outbox until `shutdown`.
-/// Neither the API nor the relay needs the other's dependency to be up: the
-/// API keeps taking cancellations while the broker is down. If the broker
-/// refuses the producer's user, the whole service stops with a
-/// [`ConfigError`]: running on without a relay would only fill the outbox.
+/// Serves the API on `listener`, relays the outbox's order events and runs
+/// the order service's workers until `shutdown`. The API needs neither the
+/// broker nor the others to be up: it keeps taking cancellations while the
+/// broker is down. If the broker refuses the producer's user, the whole
+/// service stops with a [`crate::config::ConfigError`]: running on without a
+/// relay would only fill the outbox.
 pub async fn run_until_stopped(
     settings: Settings,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let (refused_tx, refused_rx) = tokio::sync::oneshot::channel::<()>();
-    let shutdown = Shutdown::on(async move {
-        tokio::select! {
-            () = shutdown => {}
-            _ = refused_rx => {}
-        }
-    });
-    let db = store::pool(&settings.database)?;
-    let broker = broker_pool(&settings.amqp, &settings.amqp.producer, APP_ID)?;
-    let relay = Arc::new(Relay::new(
-        db.clone(),
-        broker,
-        Topology::from_settings(&settings.topology),
-        settings.relay.clone(),
-        APP_ID,
-    ));
-    let relay_run = relay.run(settings.database.url(), shutdown.clone());
-    let relay_task = tokio::spawn(async move {
-        let result = relay_run.await;
-        if result.is_err() {
-            let _ = refused_tx.send(());
-        }
-        result
-    });
+    // The API's connections are its own: background work never takes the
+    // API's last connection, and a request never waits behind a relay step.
+    // The relay and the refund-status worker need few: one each at a time,
+    // and one to spare (connections are opened on demand, up to this).
+    let api_db = store::pool(&settings.database)?;
+    let mut background_settings = settings.database.clone();
+    background_settings.pool_size = background_settings.pool_size.min(3);
+    let background_db = store::pool(&background_settings)?;
+    let (background, shutdown) =
+        Background::start(Process::Producer, &settings, &background_db, shutdown)?;
 
     tracing::info!(listen = %listener.local_addr()?, broker = %settings.amqp.display_addr_as(&settings.amqp.producer), "order service up");
     let api_shutdown = shutdown.clone();
-    http::serve(listener, http::router(db), &settings.http, async move {
+    http::serve(listener, http::router(api_db), &settings.http, async move {
         api_shutdown.wait().await;
     })
     .await?;
-    match tokio::time::timeout(settings.shutdown.deadline, relay_task).await {
-        Err(_) => tracing::warn!("relay did not stop within the shutdown deadline"),
-        Ok(Ok(Err(RelayError::AccessRefused(detail)))) => {
-            return Err(ConfigError::BrokerAccess {
-                user: settings.amqp.producer.user.clone(),
-                role: "producer",
-                detail,
-            }
-            .into());
+    let stopped = background.join(&settings);
+    match tokio::time::timeout(settings.shutdown.deadline, stopped).await {
+        Err(_) => {
+            tracing::warn!("relay or workers did not stop within the shutdown deadline");
         }
-        Ok(_) => {}
+        Ok(result) => result?,
     }
     tracing::info!("order service stopped");
     Ok(())

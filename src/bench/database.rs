@@ -1,6 +1,7 @@
 //! The database's ceiling for our two writes: the cancel transaction
 //! (`store::orders::cancel`) and the refund transaction
-//! (`store::refunds::record_with_inbox`), each alone and as the pair an order
+//! (`store::refunds::record_with_inbox`, its `refund.completed` outbox row
+//! included), each alone and as the pair an order
 //! needs, on 1, 4 and 16 dedicated connections (no pool, so no checkout
 //! query). The orders are placed beforehand, untimed.
 
@@ -14,9 +15,12 @@ use tokio::{task::JoinSet, time::Instant};
 use uuid::Uuid;
 
 use crate::{
-    domain::{EventId, OrderId},
+    domain::{AmountCents, EventId, OrderId, PaymentId, RefundCompleted},
     handlers::refund::NAME as REFUNDS,
-    store::{self, refunds::RefundRow},
+    store::{
+        self,
+        refunds::{NewRefund, RefundRow},
+    },
 };
 
 /// Which transaction a run repeats.
@@ -43,19 +47,31 @@ impl Transaction {
     }
 }
 
-fn refund_row(order_id: Uuid, event_id: Uuid) -> RefundRow {
+fn new_refund(order_id: Uuid, event_id: Uuid) -> anyhow::Result<NewRefund> {
     let now = Utc::now();
-    RefundRow {
-        id: Uuid::now_v7(),
-        order_id,
-        event_id,
-        payment_id: "pay-bench".to_owned(),
-        amount_cents: 1999,
-        gateway_refund_id: format!("re-{event_id}"),
-        status: "completed".to_owned(),
-        created_at: now,
-        updated_at: now,
-    }
+    let (payment, amount) = (PaymentId::parse("pay-bench")?, AmountCents::parse(1999)?);
+    let gateway_refund_id = format!("re-{event_id}");
+    let completed = RefundCompleted::of(
+        OrderId::from_uuid(order_id),
+        payment.clone(),
+        amount,
+        gateway_refund_id.clone(),
+        now,
+    );
+    Ok(NewRefund {
+        row: RefundRow {
+            id: Uuid::now_v7(),
+            order_id,
+            event_id,
+            payment_id: payment.as_str().to_owned(),
+            amount_cents: amount.cents(),
+            gateway_refund_id,
+            status: "completed".to_owned(),
+            created_at: now,
+            updated_at: now,
+        },
+        completed: completed.to_record()?,
+    })
 }
 
 async fn one(
@@ -80,7 +96,7 @@ async fn one(
             store::refunds::record_with_inbox(
                 conn,
                 REFUNDS,
-                &refund_row(id.as_uuid(), event_id.as_uuid()),
+                &new_refund(id.as_uuid(), event_id.as_uuid())?,
             )
             .await?;
         }
@@ -88,7 +104,7 @@ async fn one(
             store::refunds::record_with_inbox(
                 conn,
                 REFUNDS,
-                &refund_row(Uuid::now_v7(), Uuid::now_v7()),
+                &new_refund(Uuid::now_v7(), Uuid::now_v7())?,
             )
             .await?;
         }

@@ -1,5 +1,5 @@
-//! The operator CLI: migrations, broker provisioning, the ground-truth check
-//! and the demo.
+//! The operator CLI: migrations, broker provisioning, the outbox's retention,
+//! the ground-truth check and the demo.
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
@@ -13,7 +13,7 @@ use courier::{
     },
     check,
     config::Settings,
-    demo, store,
+    demo, outbox, registry, store,
 };
 use secrecy::SecretString;
 
@@ -41,6 +41,11 @@ enum Command {
     Topology {
         #[command(subcommand)]
         command: TopologyCommand,
+    },
+    /// The outbox as an event store.
+    Outbox {
+        #[command(subcommand)]
+        command: OutboxCommand,
     },
     /// Compare ground truth now: every canceled order vs refunds in the
     /// database vs the payment gateway's ledger vs `refunds.dead` vs pending
@@ -87,6 +92,23 @@ enum BrokerCommand {
 }
 
 #[derive(Subcommand, Debug)]
+enum OutboxCommand {
+    /// Remove events published longer ago than `--older-than`, oldest first,
+    /// in batches; events not yet published are never removed. A pull
+    /// reader behind what was removed is answered 410 Gone by the event API,
+    /// never silently skipped ahead: keep events at least as long as the
+    /// slowest reader may be away.
+    Prune {
+        /// e.g. `7d`, `12h`.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        older_than: Duration,
+        /// Rows per transaction.
+        #[arg(long, default_value_t = 1000)]
+        batch_size: i64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 enum TopologyCommand {
     /// Declare every exchange, queue and binding as the operator user (safe
     /// to run again; fails naming the object whose arguments differ).
@@ -112,7 +134,9 @@ struct AdminLogin {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     courier::telemetry::init("courier");
-    let settings = match Settings::load() {
+    let settings = match Settings::load()
+        .and_then(|settings| registry::validate(&settings).map(|()| settings))
+    {
         Ok(settings) => settings,
         Err(error) => {
             eprintln!("courier: {error}");
@@ -192,6 +216,25 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Outbox {
+            command:
+                OutboxCommand::Prune {
+                    older_than,
+                    batch_size,
+                },
+        } => {
+            let mut db = store::connect(&settings.database.url()).await?;
+            let report = outbox::prune::prune(&mut db, older_than, batch_size).await?;
+            for (publisher, rows, through) in &report.publishers {
+                let through = through.map_or_else(|| "-".to_owned(), |t| t.to_string());
+                println!(
+                    "{:<8} pruned {rows:>8}  pruned through offset {through}",
+                    publisher.as_str()
+                );
+            }
+            println!("pruned {} event(s) in all", report.total());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Check => {
             let mut db = store::connect(&settings.database.url()).await?;
             let (report, _) =
@@ -221,6 +264,9 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
                 report.without_cancel.len()
             );
             println!("stuck in the outbox             {:>8}", report.stuck);
+            for (label, value) in report.event_model_lines() {
+                println!("{label:<32}{value:>8}");
+            }
             for order in report.lost.iter().take(20) {
                 println!("  lost: order {order}");
             }
@@ -229,6 +275,9 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             }
             for key in report.without_cancel.iter().take(20) {
                 println!("  refunded without a canceled order: gateway key {key}");
+            }
+            for (what, order) in report.event_model_findings().take(20) {
+                println!("  {what}: order {order}");
             }
             Ok(if report.passed() {
                 ExitCode::SUCCESS

@@ -8,6 +8,14 @@ use crate::{
     domain::IncomingEvent,
 };
 
+/// A delivery that cannot be handled, and what the failure copy needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Poison {
+    pub reason: String,
+    /// How many times this message failed before (our `x-attempt` header).
+    pub previous_failures: i64,
+}
+
 /// A delivery we can hand to a handler.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Decoded {
@@ -17,12 +25,33 @@ pub struct Decoded {
     pub previous_failures: i64,
 }
 
-/// Decodes a delivery's properties and body; the error is the poison reason.
+/// Decodes a delivery's properties and body; a poison message comes back
+/// with its reason and its previous failures, read once here.
 pub fn decode(
     properties: &BasicProperties,
     body: &[u8],
     max_body_bytes: usize,
-) -> Result<Decoded, String> {
+) -> Result<Decoded, Poison> {
+    let previous_failures = envelope::header_int(properties, headers::ATTEMPT)
+        .unwrap_or(0)
+        .max(0);
+    decode_event(properties, body, max_body_bytes)
+        .map(|(message_id, event)| Decoded {
+            message_id,
+            event,
+            previous_failures,
+        })
+        .map_err(|reason| Poison {
+            reason,
+            previous_failures,
+        })
+}
+
+fn decode_event(
+    properties: &BasicProperties,
+    body: &[u8],
+    max_body_bytes: usize,
+) -> Result<(Uuid, IncomingEvent), String> {
     if body.len() > max_body_bytes {
         return Err(format!(
             "body of {} bytes exceeds the limit of {max_body_bytes} bytes",
@@ -51,14 +80,7 @@ pub fn decode(
         return Err("missing message type".to_owned());
     };
     let event = IncomingEvent::decode(event_type.as_str(), body).map_err(|e| e.to_string())?;
-    let previous_failures = envelope::header_int(properties, headers::ATTEMPT)
-        .unwrap_or(0)
-        .max(0);
-    Ok(Decoded {
-        message_id,
-        event,
-        previous_failures,
-    })
+    Ok((message_id, event))
 }
 
 #[cfg(test)]
@@ -74,8 +96,12 @@ mod tests {
 
     #[test]
     fn poison_reasons_name_what_is_wrong() {
-        let reason =
-            |p: BasicProperties, body: &[u8]| decode(&p, body, 64).err().unwrap_or_default();
+        let reason = |p: BasicProperties, body: &[u8]| {
+            decode(&p, body, 64)
+                .err()
+                .map(|poison| poison.reason)
+                .unwrap_or_default()
+        };
         assert!(reason(props(), b"{oops").contains("not a valid `order.canceled`"));
         assert!(
             reason(
@@ -94,5 +120,16 @@ mod tests {
         );
         assert!(reason(props(), &[b' '; 65]).contains("exceeds the limit"));
         assert!(reason(props().with_message_id("not-a-uuid".into()), b"{}").contains("not a UUID"));
+    }
+
+    #[test]
+    fn poison_keeps_the_attempts_it_already_failed() {
+        let mut table = lapin::types::FieldTable::default();
+        table.insert(
+            headers::ATTEMPT.into(),
+            lapin::types::AMQPValue::LongLongInt(2),
+        );
+        let poison = decode(&props().with_headers(table), b"{oops", 64).err();
+        assert_eq!(poison.map(|p| p.previous_failures), Some(2));
     }
 }

@@ -10,6 +10,6 @@ pub mod stats;
 pub mod worker;
 
 pub use decision::{Decision, decide};
-pub use decode::{Decoded, decode};
+pub use decode::{Decoded, Poison, decode};
 pub use stats::{ConsumerStats, WorkerStats};
 pub use worker::{Worker, WorkerConfig, WorkerError};

@@ -15,6 +15,9 @@ use serde::Serialize;
 pub struct WorkerStats {
     pub handled: AtomicU64,
     pub duplicates: AtomicU64,
+    /// Messages with nothing left to change (an older version than the one
+    /// applied): recorded, acked, no effect.
+    pub skipped: AtomicU64,
     pub requeued: AtomicU64,
     retried_per_tier: Vec<(String, AtomicU64)>,
     pub dead_poison: AtomicU64,
@@ -57,6 +60,7 @@ impl WorkerStats {
         WorkerSnapshot {
             handled: get(&self.handled),
             duplicates: get(&self.duplicates),
+            skipped: get(&self.skipped),
             requeued: get(&self.requeued),
             retried: self
                 .retried_per_tier
@@ -78,6 +82,9 @@ impl WorkerStats {
 pub struct WorkerSnapshot {
     pub handled: u64,
     pub duplicates: u64,
+    /// Stale messages: superseded by what was applied already.
+    #[serde(default)]
+    pub skipped: u64,
     pub requeued: u64,
     /// Copies sent into each delay tier, by queue name, in tier order.
     pub retried: Vec<(String, u64)>,

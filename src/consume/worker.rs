@@ -1,9 +1,10 @@
 //! One worker: consumes its work queue with manual acks, bounded concurrency
 //! and a prefetch window, and settles every delivery (P3):
-//! - handled or already in the inbox: ack;
+//! - handled, skipped as stale or already in the inbox: ack;
 //! - transient failure: confirmed copy into the next delay tier, then ack;
-//! - permanent, exhausted or undecodable: confirmed copy into `<queue>.dead`
-//!   with the reason, then ack;
+//! - permanent, exhausted or undecodable: the handler's last word first
+//!   ([`Handler::before_dead_letter`], durable), then a confirmed copy into
+//!   `<queue>.dead` with the reason, then ack;
 //! - our database unreachable, or the copy not confirmed: nack with requeue,
 //!   so the broker keeps the message.
 
@@ -26,7 +27,7 @@ use tokio::{
 
 use super::{
     decision::{Decision, decide},
-    decode::{Decoded, decode},
+    decode::{Decoded, Poison, decode},
     stats::WorkerStats,
 };
 use crate::{
@@ -36,7 +37,7 @@ use crate::{
     },
     config::ConsumerSettings,
     faults::{CrashPoint, crash_on_message, crash_point},
-    handlers::{Handled, Handler, HandlerError, Work},
+    handlers::{Handled, Handler, HandlerError, Shelved, Work},
     outbox::backoff::{delay_after, jittered, reconnect_delay},
     shutdown::Shutdown,
     store::{self, DbPool, StoreError, inbox},
@@ -379,7 +380,7 @@ impl<H: Handler> Shared<H> {
                     }
                     decoded.push((i, ok));
                 }
-                Err(reason) => {
+                Err(bad) => {
                     crash_on_message(
                         delivery
                             .properties
@@ -387,15 +388,13 @@ impl<H: Handler> Shared<H> {
                             .as_ref()
                             .map(|m| m.as_str()),
                     );
-                    poison.push((i, reason));
+                    poison.push((i, bad));
                 }
             }
         }
-        let failed = join_all(poison.iter().map(|(i, reason)| {
-            let previous =
-                envelope::header_int(&deliveries[*i].properties, envelope::headers::ATTEMPT)
-                    .unwrap_or(0);
-            self.fail(&deliveries[*i], previous, ErrorKind::Poison, reason)
+        let failed = join_all(poison.iter().map(|(i, bad): &(usize, Poison)| {
+            let decision = decide(bad.previous_failures, ErrorKind::Poison, self.tiers());
+            self.publish_failure(&deliveries[*i], decision, ErrorKind::Poison, &bad.reason)
         }))
         .await;
         for ((i, _), settle) in poison.iter().zip(failed) {
@@ -496,41 +495,76 @@ impl<H: Handler> Shared<H> {
                 self.absorbed_duplicate(decoded.message_id);
                 Settle::Ack
             }
+            Ok(Handled::Skipped) => {
+                WorkerStats::bump(&self.stats.skipped);
+                Settle::Ack
+            }
             Err(HandlerError::Unavailable(error)) => {
                 tracing::warn!(worker = self.queues.work(), %error, "database unavailable; handing the delivery back");
                 Settle::DatabaseDown
             }
             Err(HandlerError::Transient(error)) => {
-                self.fail(
-                    delivery,
-                    decoded.previous_failures,
-                    ErrorKind::Transient,
-                    &error,
-                )
-                .await
+                self.fail(delivery, decoded, ErrorKind::Transient, &error)
+                    .await
             }
             Err(HandlerError::Permanent(error)) => {
-                self.fail(
-                    delivery,
-                    decoded.previous_failures,
-                    ErrorKind::Permanent,
-                    &error,
-                )
-                .await
+                self.fail(delivery, decoded, ErrorKind::Permanent, &error)
+                    .await
             }
         }
     }
 
-    /// Publishes the failure copy where [`decide`] says, confirmed, before the
-    /// original is acked. If the copy is not confirmed the original is requeued.
+    fn tiers(&self) -> usize {
+        self.queues.retry_delays.len()
+    }
+
+    /// Sends a failed delivery where [`decide`] says. One that is about to be
+    /// shelved gets its handler's last word first; if that cannot be made
+    /// durable, the delivery is handed back rather than shelved without it.
     async fn fail(
         &self,
         delivery: &Delivery,
-        previous: i64,
+        decoded: &Decoded,
         kind: ErrorKind,
         error: &str,
     ) -> Settle {
-        let decision = decide(previous, kind, self.queues.retry_delays.len());
+        let decision = decide(decoded.previous_failures, kind, self.tiers());
+        if let Decision::DeadLetter {
+            attempt, exhausted, ..
+        } = decision
+        {
+            let work = Work {
+                message_id: decoded.message_id,
+                event: &decoded.event,
+            };
+            let shelved = if exhausted {
+                Shelved::Exhausted {
+                    attempts: attempt,
+                    error,
+                }
+            } else {
+                Shelved::Permanent { error }
+            };
+            if let Err(last_word) = self.handler.before_dead_letter(work, shelved).await {
+                tracing::warn!(worker = self.queues.work(), %last_word, "could not record the failure before shelving; handing the delivery back");
+                return match last_word {
+                    HandlerError::Unavailable(_) => Settle::DatabaseDown,
+                    _ => Settle::Requeue,
+                };
+            }
+        }
+        self.publish_failure(delivery, decision, kind, error).await
+    }
+
+    /// Publishes the failure copy where `decision` says, confirmed, before the
+    /// original is acked. If the copy is not confirmed the original is requeued.
+    async fn publish_failure(
+        &self,
+        delivery: &Delivery,
+        decision: Decision,
+        kind: ErrorKind,
+        error: &str,
+    ) -> Settle {
         let (target, attempt) = match decision {
             Decision::Retry { tier, attempt } => match self.queues.retry(tier) {
                 Some(queue) => (queue, attempt),

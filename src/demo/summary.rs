@@ -24,6 +24,12 @@ pub struct Summary {
     /// Canceled orders neither refunded nor dead-lettered.
     pub lost: i64,
     pub pending_outbox: i64,
+    /// The canceled orders by refund status (`refunded`, `refund_failed`,
+    /// `none`), as the order service shows them.
+    pub refund_statuses: BTreeMap<String, usize>,
+    /// Canceled orders whose refund status is missing or disagrees with
+    /// their refund (the broker's delivery-limit shelving aside).
+    pub without_status: usize,
     pub workers: BTreeMap<String, WorkerSnapshot>,
     /// This run's refund dead letters, grouped by reason.
     pub dead_letter_samples: Vec<DeadLetterSample>,
@@ -37,9 +43,14 @@ pub struct Summary {
 }
 
 impl Summary {
-    /// The run's verdict: nothing lost, nothing doubled, nothing stuck.
+    /// The run's verdict: nothing lost, nothing doubled, nothing stuck, and
+    /// every canceled order shows what became of its refund.
     pub fn passed(&self) -> bool {
-        self.lost == 0 && self.doubled == 0 && self.without_cancel == 0 && self.pending_outbox == 0
+        self.lost == 0
+            && self.doubled == 0
+            && self.without_cancel == 0
+            && self.pending_outbox == 0
+            && self.without_status == 0
     }
 }
 
@@ -62,7 +73,11 @@ impl Summary {
                 self.refunds_in_gateway.to_string(),
             ),
             ("  customers notified".into(), self.notified.to_string()),
+            ("  refund status on the orders".into(), String::new()),
         ];
+        for (status, count) in &self.refund_statuses {
+            counts.push((format!("    {status}"), count.to_string()));
+        }
         for (worker, stats) in &self.workers {
             counts.push((format!("  [{worker}]"), String::new()));
             counts.push(("    handled".into(), stats.handled.to_string()));
@@ -70,6 +85,9 @@ impl Summary {
                 "    duplicates absorbed".into(),
                 stats.duplicates.to_string(),
             ));
+            if stats.skipped > 0 {
+                counts.push(("    skipped as stale".into(), stats.skipped.to_string()));
+            }
             for (queue, count) in &stats.retried {
                 counts.push((format!("    retried via {queue}"), count.to_string()));
             }
@@ -87,6 +105,10 @@ impl Summary {
             (
                 "  still pending in the outbox".into(),
                 self.pending_outbox.to_string(),
+            ),
+            (
+                "  canceled orders without a refund status".into(),
+                self.without_status.to_string(),
             ),
         ];
         for (name, clean) in &self.clean_exits {
@@ -172,6 +194,11 @@ mod tests {
             without_cancel: 0,
             lost: 0,
             pending_outbox: 0,
+            refund_statuses: BTreeMap::from([
+                ("refund_failed".into(), 4),
+                ("refunded".into(), 996),
+            ]),
+            without_status: 0,
             workers: BTreeMap::from([("notifications".into(), worker)]),
             dead_letter_samples: Vec::new(),
             earlier_dead_letters: 0,
@@ -186,8 +213,8 @@ mod tests {
         let text = summary_with_a_long_queue_name().to_string();
         let ends: Vec<usize> = text
             .lines()
-            .filter(|line| line.starts_with("  ") && line.trim_end().contains("  "))
-            .filter(|line| !line.trim_start().starts_with('['))
+            // A value is set apart from its label by spaces; a heading has none.
+            .filter(|line| line.starts_with("  ") && line.trim().contains("  "))
             .filter(|line| !line.contains("stopped") && !line.contains("verdict"))
             .map(|line| line.trim_end().chars().count())
             .collect();

@@ -6,20 +6,13 @@ use std::{
     time::Duration,
 };
 
-use diesel::prelude::*;
-use diesel_async::RunQueryDsl;
 use futures_util::{StreamExt, stream};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use uuid::Uuid;
 
 use super::{Children, Summary, child_env, summary::DeadLetterSample};
-use crate::{
-    check,
-    config::Settings,
-    consume::stats::WorkerSnapshot,
-    store::{self, schema},
-};
+use crate::{check, config::Settings, consume::stats::WorkerSnapshot, store};
 
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
@@ -139,30 +132,40 @@ async fn drive(
     bar.finish();
     let event_ids: Vec<Uuid> = canceled.into_iter().collect::<anyhow::Result<_>>()?;
 
-    // Settled: every refund is either in our database or dead-lettered, and
-    // every notification either sent or dead-lettered.
+    // Settled: every refund is either in our database or dead-lettered,
+    // every notification either sent or dead-lettered, and every canceled
+    // order shows what became of its refund.
     let mut db = store::connect(&settings.database.url()).await?;
-    let bar = progress_bar(options, (event_ids.len() * 2) as u64, "settling        ");
+    let total = event_ids.len() as u64;
+    let bar = progress_bar(options, total * 3, "settling        ");
     let deadline = tokio::time::Instant::now() + options.settle_timeout;
     let (refunded, notified, stats) = loop {
         children.check_alive()?;
-        let refunded = count_refunds(&mut db, &order_ids).await?;
+        let refunded = store::refunds::count_for_orders(&mut db, &order_ids).await?;
         let notified =
-            count_inbox(&mut db, crate::handlers::notification::NAME, &event_ids).await?;
+            store::inbox::count_among(&mut db, crate::handlers::notification::NAME, &event_ids)
+                .await?;
+        let statuses = store::orders::count_by_refund_status(&mut db, &order_ids).await?;
+        let with_status: i64 = statuses
+            .iter()
+            .filter(|(status, _)| *status != check::NO_STATUS)
+            .map(|(_, n)| n)
+            .sum();
         let stats = consumer_stats(&http, &consumer_url).await?;
         let dead = |w: &str| stats.get(w).map_or(0, WorkerSnapshot::dead_total);
-        let settled = (refunded as u64 + dead("refunds")).min(event_ids.len() as u64)
-            + (notified as u64 + dead("notifications")).min(event_ids.len() as u64);
+        let settled = (refunded as u64 + dead("refunds")).min(total)
+            + (notified as u64 + dead("notifications")).min(total)
+            + (with_status as u64).min(total);
         bar.set_position(settled);
         let retries: u64 = stats
             .values()
             .flat_map(|s| s.retried.iter().map(|(_, n)| n))
             .sum();
         bar.set_message(format!(
-            "refunded {refunded}, notified {notified}, retries {retries}, dead {}",
+            "refunded {refunded}, notified {notified}, with a refund status {with_status}, retries {retries}, dead {}",
             dead("refunds") + dead("notifications")
         ));
-        if settled >= (event_ids.len() * 2) as u64 || tokio::time::Instant::now() >= deadline {
+        if settled >= total * 3 || tokio::time::Instant::now() >= deadline {
             break (refunded, notified, stats);
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -185,6 +188,8 @@ async fn drive(
         without_cancel: report.without_cancel.len(),
         lost: i64::try_from(report.lost.len()).unwrap_or(i64::MAX),
         pending_outbox: report.stuck,
+        refund_statuses: report.refund_statuses,
+        without_status: report.without_status.len() + report.status_mismatch.len(),
         workers: stats,
         dead_letter_samples: samples,
         earlier_dead_letters: earlier,
@@ -228,30 +233,6 @@ async fn wait_healthy(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-async fn count_refunds(
-    db: &mut diesel_async::AsyncPgConnection,
-    order_ids: &[Uuid],
-) -> anyhow::Result<i64> {
-    Ok(schema::refunds::table
-        .filter(schema::refunds::order_id.eq_any(order_ids))
-        .count()
-        .get_result(db)
-        .await?)
-}
-
-async fn count_inbox(
-    db: &mut diesel_async::AsyncPgConnection,
-    consumer: &str,
-    event_ids: &[Uuid],
-) -> anyhow::Result<i64> {
-    Ok(schema::processed_messages::table
-        .filter(schema::processed_messages::consumer.eq(consumer))
-        .filter(schema::processed_messages::message_id.eq_any(event_ids))
-        .count()
-        .get_result(db)
-        .await?)
 }
 
 /// The consumer's counters, from its `GET /stats`.

@@ -4,7 +4,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    AmountCents, CustomerEmail, EventId, OrderCanceled, OrderId, PaymentId, ShippingAddress,
+    AmountCents, CustomerEmail, EventId, OrderCanceled, OrderId, PaymentId, RefundStatus,
+    ShippingAddress, ShippingInfoChanged,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,6 +44,15 @@ pub enum CancelError {
     AlreadyCanceled(OrderId),
 }
 
+/// Why an order's shipping address cannot change; the API answers 409.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ShippingInfoError {
+    #[error("order {0} has already shipped; its shipping address can no longer change")]
+    AlreadyShipped(OrderId),
+    #[error("order {0} is canceled; it will not ship")]
+    Canceled(OrderId),
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ShipError {
     #[error("order {0} is canceled and cannot ship")]
@@ -62,7 +72,9 @@ pub struct Order {
     pub shipping_address: Option<ShippingAddress>,
     pub state: OrderState,
     pub version: i64,
-    pub refund_status: Option<String>,
+    /// What the refund context reported of this order's refund. Not an
+    /// order change: it raises no event and leaves `version` alone.
+    pub refund_status: Option<RefundStatus>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -109,6 +121,47 @@ impl Order {
             customer_email: self.customer_email.clone(),
             order_version: self.version,
         })
+    }
+
+    /// Changes where the order ships to and returns the event that must be
+    /// stored with it; `None` when `address` is the one it already has (a
+    /// repeated PUT changes nothing and raises nothing). A shipped or
+    /// canceled order is refused and left unchanged.
+    pub fn change_shipping_info(
+        &mut self,
+        address: ShippingAddress,
+        now: DateTime<Utc>,
+    ) -> Result<Option<ShippingInfoChanged>, ShippingInfoError> {
+        match self.state {
+            OrderState::Shipped => return Err(ShippingInfoError::AlreadyShipped(self.id)),
+            OrderState::Canceled => return Err(ShippingInfoError::Canceled(self.id)),
+            OrderState::Placed => {}
+        }
+        if self.shipping_address.as_ref() == Some(&address) {
+            return Ok(None);
+        }
+        self.shipping_address = Some(address.clone());
+        self.version += 1;
+        self.updated_at = now;
+        Ok(Some(ShippingInfoChanged {
+            event_id: EventId::generate(),
+            occurred_at: now,
+            order_id: self.id,
+            shipping_address: address,
+            order_version: self.version,
+        }))
+    }
+
+    /// Takes in what the refund context reported, by [`RefundStatus::converge`];
+    /// returns whether the status changed.
+    pub fn record_refund_status(&mut self, incoming: RefundStatus) -> bool {
+        match RefundStatus::converge(self.refund_status.as_ref(), incoming) {
+            Some(status) => {
+                self.refund_status = Some(status);
+                true
+            }
+            None => false,
+        }
     }
 
     pub fn ship(&mut self, now: DateTime<Utc>) -> Result<(), ShipError> {
@@ -163,6 +216,60 @@ mod tests {
             Err(CancelError::AlreadyShipped(order.id))
         );
         assert_eq!(order, before);
+    }
+
+    fn address(raw: &str) -> ShippingAddress {
+        let Ok(address) = ShippingAddress::parse(raw) else {
+            panic!("test address is valid");
+        };
+        address
+    }
+
+    #[test]
+    fn changing_the_shipping_address_raises_shipping_info_changed_with_the_new_version() {
+        let mut order = order();
+        let Ok(Some(first)) = order.change_shipping_info(address("1 Main St"), Utc::now()) else {
+            panic!("a placed order's address can change");
+        };
+        let Ok(Some(second)) = order.change_shipping_info(address("2 High St"), Utc::now()) else {
+            panic!("and change again");
+        };
+        assert_eq!((first.order_version, second.order_version), (2, 3));
+        assert_eq!(order.version, 3);
+        assert_eq!(order.shipping_address, Some(address("2 High St")));
+        assert_eq!(second.shipping_address, address("2 High St"));
+    }
+
+    #[test]
+    fn the_same_address_again_raises_nothing() {
+        let mut order = order();
+        assert!(matches!(
+            order.change_shipping_info(address("1 Main St"), Utc::now()),
+            Ok(Some(_))
+        ));
+        assert_eq!(
+            order.change_shipping_info(address("1 Main St"), Utc::now()),
+            Ok(None)
+        );
+        assert_eq!(order.version, 2);
+    }
+
+    #[test]
+    fn a_shipped_or_canceled_order_keeps_its_address() {
+        let mut shipped = order();
+        assert!(shipped.ship(Utc::now()).is_ok());
+        assert_eq!(
+            shipped.change_shipping_info(address("1 Main St"), Utc::now()),
+            Err(ShippingInfoError::AlreadyShipped(shipped.id))
+        );
+        let mut canceled = order();
+        assert!(canceled.cancel(Utc::now()).is_ok());
+        let before = canceled.clone();
+        assert_eq!(
+            canceled.change_shipping_info(address("1 Main St"), Utc::now()),
+            Err(ShippingInfoError::Canceled(canceled.id))
+        );
+        assert_eq!(canceled, before);
     }
 
     #[test]

@@ -300,11 +300,7 @@ fn cut(text: String) -> String {
     if text.len() <= MAX_ERROR_BYTES {
         return text;
     }
-    let mut end = MAX_ERROR_BYTES - ELLIPSIS.len_utf8();
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    let mut short = text[..end].to_owned();
+    let mut short = crate::text::truncate_utf8(&text, MAX_ERROR_BYTES - ELLIPSIS.len_utf8());
     short.push(ELLIPSIS);
     short
 }

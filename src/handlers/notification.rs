@@ -129,12 +129,10 @@ impl Handler for NotificationHandler {
     /// Sends each notification on its own, then records the sent ones in the
     /// inbox with one statement.
     async fn handle_batch(&self, batch: &[Work<'_>], deadline: Duration) -> Outcomes {
-        let notifications: Vec<Notification> = batch.iter().map(notification_for).collect();
-        let sent = join_all(
-            notifications
-                .iter()
-                .map(|notification| within(deadline, self.sender.send(notification))),
-        )
+        let sent = join_all(batch.iter().map(|work| async move {
+            let notification = notification_for(work)?;
+            within(deadline, self.sender.send(&notification)).await
+        }))
         .await;
         let sent_ids: Vec<Uuid> = batch
             .iter()
@@ -163,9 +161,11 @@ impl Handler for NotificationHandler {
     }
 }
 
-fn notification_for(work: &Work<'_>) -> Notification {
-    let IncomingEvent::OrderCanceled(canceled) = work.event;
-    Notification {
+fn notification_for(work: &Work<'_>) -> Result<Notification, HandlerError> {
+    let IncomingEvent::OrderCanceled(canceled) = work.event else {
+        return Err(HandlerError::unexpected(NAME, work.event));
+    };
+    Ok(Notification {
         message_id: work.message_id,
         to: canceled.customer_email.as_str().to_owned(),
         subject: format!("Your order {} was canceled", canceled.order_id),
@@ -176,5 +176,5 @@ fn notification_for(work: &Work<'_>) -> Notification {
             canceled.amount_cents.cents() % 100,
             canceled.payment_id.as_str()
         ),
-    }
+    })
 }

@@ -9,10 +9,16 @@
 //!   same refund back from the gateway.
 //!
 //! A batch of deliveries is checked in one query, each refund is asked of
-//! the gateway on its own, and the batch's refunds and inbox rows then commit
-//! in one transaction. If we die between the gateway calls and the commit,
-//! the redeliveries call the gateway with the same keys and get the same
-//! refunds back: one refund per order.
+//! the gateway on its own, and the batch's refunds, their `refund.completed`
+//! events and inbox rows then commit in one transaction. If we die between
+//! the gateway calls and the commit, the redeliveries call the gateway with
+//! the same keys and get the same refunds back: one refund per order.
+//!
+//! A refund given up on (the gateway refused it for good, or it failed on
+//! every retry tier) raises `refund.failed` before its request is shelved,
+//! so the order shows why. No inbox row is written for it: the request is
+//! parked, not processed, and a replay once the cause is fixed must still
+//! refund.
 
 use std::time::Duration;
 
@@ -20,14 +26,17 @@ use chrono::Utc;
 use futures_util::future::join_all;
 use uuid::Uuid;
 
-use super::{Handled, Handler, HandlerError, Outcomes, Work, fill, within};
+use super::{Handled, Handler, HandlerError, Outcomes, Shelved, Work, fill, within};
 use crate::{
-    domain::{IncomingEvent, OrderCanceled, OrderId, RefundKey, authorize_refund},
+    domain::{
+        EventId, IncomingEvent, OrderCanceled, OrderId, RefundCompleted, RefundFailed, RefundKey,
+        authorize_refund,
+    },
     faults::{CrashPoint, crash_point},
     gateway::client::{GatewayClient, GatewayError},
     store::{
-        DbPool, StoreError, inbox, orders,
-        refunds::{self, Recorded, RefundRow},
+        DbPool, StoreError, inbox, orders, outbox,
+        refunds::{self, NewRefund, Recorded, RefundRow},
     },
 };
 
@@ -76,7 +85,7 @@ impl RefundHandler {
         message_id: Uuid,
         canceled: &OrderCanceled,
         deadline: Duration,
-    ) -> Result<RefundRow, HandlerError> {
+    ) -> Result<NewRefund, HandlerError> {
         let receipt = within(deadline, async {
             self.gateway
                 .refund(
@@ -97,22 +106,66 @@ impl RefundHandler {
         .await?;
         crash_point(CrashPoint::AfterGatewayCall);
         let now = Utc::now();
-        Ok(RefundRow {
-            id: Uuid::now_v7(),
-            order_id: canceled.order_id.as_uuid(),
-            event_id: message_id,
-            payment_id: canceled.payment_id.as_str().to_owned(),
-            amount_cents: canceled.amount_cents.cents(),
-            gateway_refund_id: receipt.refund_id,
-            status: "completed".to_owned(),
-            created_at: now,
-            updated_at: now,
+        let completed = RefundCompleted::of(
+            canceled.order_id,
+            canceled.payment_id.clone(),
+            canceled.amount_cents,
+            receipt.refund_id.clone(),
+            now,
+        )
+        .to_record()
+        .map_err(|e| HandlerError::Permanent(format!("cannot encode refund.completed: {e}")))?;
+        Ok(NewRefund {
+            row: RefundRow {
+                id: Uuid::now_v7(),
+                order_id: canceled.order_id.as_uuid(),
+                event_id: message_id,
+                payment_id: canceled.payment_id.as_str().to_owned(),
+                amount_cents: canceled.amount_cents.cents(),
+                gateway_refund_id: receipt.refund_id,
+                status: "completed".to_owned(),
+                created_at: now,
+                updated_at: now,
+            },
+            completed,
         })
+    }
+
+    /// Raises `refund.failed` for a request about to be shelved, if it is
+    /// the order's own refund failing: an event the order record does not
+    /// back (forged, or not canceled) is not the order's business, and its
+    /// order must not be marked for it.
+    async fn report_failure(
+        &self,
+        message_id: Uuid,
+        canceled: &OrderCanceled,
+        reason: &str,
+    ) -> Result<(), HandlerError> {
+        let mut conn = self.db.get().await.map_err(StoreError::from)?;
+        let order = orders::find(&mut conn, canceled.order_id).await?;
+        if canceled.event_id.as_uuid() != message_id
+            || authorize_refund(order.as_ref(), canceled).is_err()
+        {
+            return Ok(());
+        }
+        let failed = RefundFailed::of(
+            EventId::from_uuid(message_id),
+            canceled.order_id,
+            reason,
+            Utc::now(),
+        )
+        .to_record()
+        .map_err(|e| HandlerError::Permanent(format!("cannot encode refund.failed: {e}")))?;
+        let asked_by = message_id.to_string();
+        outbox::insert(&mut conn, &[(&failed, Some(asked_by.as_str()))])
+            .await
+            .map_err(StoreError::classify)?;
+        Ok(())
     }
 
     async fn record_one_by_one(
         &self,
-        refunds: &[RefundRow],
+        refunds: &[NewRefund],
         inbox_only: &[Uuid],
     ) -> (
         Vec<Result<Recorded, StoreError>>,
@@ -155,14 +208,19 @@ impl Handler for RefundHandler {
             batch.iter().map(|_| None).collect();
         let mut events = Vec::with_capacity(batch.len());
         for (slot, work) in outcomes.iter_mut().zip(batch) {
-            let IncomingEvent::OrderCanceled(canceled) = work.event;
-            if canceled.event_id.as_uuid() == work.message_id {
-                events.push(canceled);
-            } else {
-                *slot = Some(Err(HandlerError::Permanent(format!(
-                    "message id {} does not match the event id {}",
-                    work.message_id, canceled.event_id
-                ))));
+            match work.event {
+                IncomingEvent::OrderCanceled(canceled)
+                    if canceled.event_id.as_uuid() == work.message_id =>
+                {
+                    events.push(canceled);
+                }
+                IncomingEvent::OrderCanceled(canceled) => {
+                    *slot = Some(Err(HandlerError::Permanent(format!(
+                        "message id {} does not match the event id {}",
+                        work.message_id, canceled.event_id
+                    ))));
+                }
+                other => *slot = Some(Err(HandlerError::unexpected(NAME, other))),
             }
         }
         // Items still open, by index, with their event.
@@ -247,5 +305,23 @@ impl Handler for RefundHandler {
         fill(outcomes, || {
             Err(HandlerError::Transient("no outcome recorded".to_owned()))
         })
+    }
+
+    async fn before_dead_letter(
+        &self,
+        work: Work<'_>,
+        shelved: Shelved<'_>,
+    ) -> Result<(), HandlerError> {
+        let IncomingEvent::OrderCanceled(canceled) = work.event else {
+            return Ok(());
+        };
+        let reason = match shelved {
+            Shelved::Permanent { error } => error.to_owned(),
+            Shelved::Exhausted { attempts, error } => {
+                format!("gave up after {attempts} attempts: {error}")
+            }
+        };
+        self.report_failure(work.message_id, canceled, &reason)
+            .await
     }
 }

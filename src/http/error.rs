@@ -24,6 +24,13 @@ pub enum ApiError {
     UnsupportedMediaType(String),
     #[error("{0}")]
     Conflict(String),
+    /// What was asked for existed and was removed for good (pruned events).
+    #[error("{message}")]
+    Gone {
+        message: String,
+        pruned_through: String,
+        oldest_available_offset: Option<String>,
+    },
     #[error("the database is unavailable; try again shortly")]
     Unavailable(String),
     #[error("internal error")]
@@ -49,6 +56,18 @@ impl IntoResponse for ApiError {
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Conflict(_) => StatusCode::CONFLICT,
+            Self::Gone {
+                pruned_through,
+                oldest_available_offset,
+                ..
+            } => {
+                let body = json!({
+                    "error": self.to_string(),
+                    "pruned_through": pruned_through,
+                    "oldest_available_offset": oldest_available_offset,
+                });
+                return (StatusCode::GONE, Json(body)).into_response();
+            }
             Self::Unavailable(detail) => {
                 tracing::warn!(%detail, "request failed: database unavailable");
                 StatusCode::SERVICE_UNAVAILABLE

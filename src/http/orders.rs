@@ -1,12 +1,14 @@
 //! `POST /orders`, `POST /orders/{id}/cancel`, `POST /orders/{id}/ship`,
-//! `GET /orders/{id}`, `GET /healthz`. Anything else a client sends, however
-//! hostile, gets a 4xx with a JSON `{"error": ...}` saying what is wrong.
+//! `PUT /orders/{id}/shipping-info`, `GET /orders/{id}`, `GET /healthz`, and
+//! the event store's `GET /api/events` ([`super::events`]). Anything else a
+//! client sends, however hostile, gets a 4xx with a JSON `{"error": ...}`
+//! saying what is wrong.
 
 use axum::{
     Json, Router,
     extract::{DefaultBodyLimit, Path, State, rejection::JsonRejection, rejection::PathRejection},
     http::{HeaderMap, StatusCode},
-    routing::{get, post},
+    routing::{get, post, put},
 };
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
@@ -34,7 +36,9 @@ pub fn router(db: DbPool) -> Router {
         .route("/orders/{id}", get(show))
         .route("/orders/{id}/cancel", post(cancel))
         .route("/orders/{id}/ship", post(ship))
+        .route("/orders/{id}/shipping-info", put(change_shipping_info))
         .route("/healthz", get(|| async { "ok" }))
+        .merge(super::events::routes())
         // After the routes: it applies to the routes registered before it.
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .fallback(|| async { ApiError::NotFound("no such route".to_owned()) })
@@ -56,6 +60,19 @@ pub struct CreateOrder {
 pub struct CanceledResponse {
     pub order: Order,
     pub event_id: EventId,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChangeShippingInfo {
+    pub shipping_address: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ShippingInfoChangedResponse {
+    pub order: Order,
+    /// `null` when the address was already this one: nothing changed.
+    pub event_id: Option<EventId>,
 }
 
 /// The body as `T`, or the 4xx axum's rejection stands for: 422 for a missing
@@ -147,6 +164,25 @@ async fn cancel(
     .await
     .map_err(change_error)?;
     Ok(Json(CanceledResponse { order, event_id }))
+}
+
+async fn change_shipping_info(
+    State(db): State<DbPool>,
+    headers: HeaderMap,
+    id: Result<Path<String>, PathRejection>,
+    body: Result<Json<ChangeShippingInfo>, JsonRejection>,
+) -> Result<Json<ShippingInfoChangedResponse>, ApiError> {
+    let id = parse_id(id)?;
+    let request = parse_body(body)?;
+    let address = ShippingAddress::parse(&request.shipping_address)
+        .map_err(|e| ApiError::Unprocessable(e.to_string()))?;
+    let correlation = correlation_id(&headers);
+    let (order, event_id) = retry_once_if_unavailable(&db, async |conn| {
+        orders::change_shipping_info(conn, id, &address, Some(&correlation), Utc::now()).await
+    })
+    .await
+    .map_err(change_error)?;
+    Ok(Json(ShippingInfoChangedResponse { order, event_id }))
 }
 
 async fn ship(

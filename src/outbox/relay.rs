@@ -4,8 +4,11 @@
 //! broken channel leaves the row pending with its error and a later
 //! `next_attempt_at`.
 //!
+//! A relay publishes one publisher's rows to that publisher's exchange: the
+//! order service runs the `orders` relay, the consumer the `refunds` relay.
+//!
 //! [`Relay::relay_once`] is one step, for tests; [`Relay::run`] loops, woken by
-//! `LISTEN outbox` and polling as a fallback.
+//! `LISTEN outbox_<publisher>` and polling as a fallback.
 
 use std::{sync::Arc, time::Duration};
 
@@ -18,6 +21,7 @@ use super::backoff::{delay_after, reconnect_delay};
 use crate::{
     amqp::{BrokerPool, ConfirmedPublisher, PublishError, Topology, access_refused, envelope},
     config::RelaySettings,
+    domain::Publisher,
     faults::{CrashPoint, crash_point},
     shutdown::Shutdown,
     store::{self, DbPool, StoreError, outbox},
@@ -50,6 +54,8 @@ impl RelayError {
 }
 
 pub struct Relay {
+    /// Whose rows this relay publishes.
+    source: Publisher,
     db: DbPool,
     broker: BrokerPool,
     topology: Topology,
@@ -59,6 +65,7 @@ pub struct Relay {
 }
 
 impl Relay {
+    /// The order service's relay.
     pub fn new(
         db: DbPool,
         broker: BrokerPool,
@@ -66,7 +73,21 @@ impl Relay {
         settings: RelaySettings,
         app_id: &str,
     ) -> Self {
+        Self::for_publisher(Publisher::Orders, db, broker, topology, settings, app_id)
+    }
+
+    /// The relay of `publisher`'s rows, to its exchange, through `broker`
+    /// (which logs in as the user of the process that runs it).
+    pub fn for_publisher(
+        publisher: Publisher,
+        db: DbPool,
+        broker: BrokerPool,
+        topology: Topology,
+        settings: RelaySettings,
+        app_id: &str,
+    ) -> Self {
         Self {
+            source: publisher,
             db,
             broker,
             topology,
@@ -94,15 +115,18 @@ impl Relay {
             .await
             .map_err(|e| RelayError::from_broker(&e))?;
         self.topology
-            .verify_for_relay(publisher.channel())
+            .verify_for_relay(publisher.channel(), self.source)
             .await
             .map_err(|e| {
                 RelayError::Broker(format!(
                     "exchange `{}` is missing (run `courier topology apply`): {e}",
-                    self.topology.events_exchange
+                    self.exchange()
                 ))
             })?;
-        tracing::info!("relay publisher channel open");
+        tracing::info!(
+            publisher = self.source.as_str(),
+            "relay publisher channel open"
+        );
         *slot = Some(publisher.clone());
         Ok(publisher)
     }
@@ -113,6 +137,10 @@ impl Relay {
         self.publisher().await.map(drop)
     }
 
+    fn exchange(&self) -> &str {
+        self.topology.exchange_of(self.source)
+    }
+
     async fn forget_publisher(&self) {
         *self.publisher.lock().await = None;
     }
@@ -120,7 +148,7 @@ impl Relay {
     /// One step: publish the due rows (up to `batch_size`) and record each outcome.
     pub async fn relay_once(&self) -> Result<RelayOutcome, RelayError> {
         let mut conn = self.db.get().await.map_err(StoreError::from)?;
-        let rows = outbox::due(&mut conn, self.settings.batch_size).await?;
+        let rows = outbox::due(&mut conn, self.source, self.settings.batch_size).await?;
         if rows.is_empty() {
             return Ok(RelayOutcome::Idle);
         }
@@ -133,7 +161,7 @@ impl Relay {
             let body = row.payload.to_string();
             match publisher
                 .send(
-                    &self.topology.events_exchange,
+                    self.exchange(),
                     &row.event_type,
                     body.as_bytes(),
                     properties,
@@ -222,10 +250,16 @@ impl Relay {
         shutdown: Shutdown,
     ) -> Result<(), RelayError> {
         let wake = Arc::new(Notify::new());
-        let listener = tokio::spawn(listen(database_url, wake.clone(), shutdown.clone()));
+        let channel = format!("outbox_{}", self.source.as_str());
+        let listener = tokio::spawn(listen(
+            database_url,
+            channel,
+            wake.clone(),
+            shutdown.clone(),
+        ));
         let result = self.relay_until(&wake, &shutdown).await;
         listener.abort();
-        tracing::info!("relay stopped");
+        tracing::info!(publisher = self.source.as_str(), "relay stopped");
         result
     }
 
@@ -282,12 +316,13 @@ async fn wait(wake: &Notify, poll_interval: Duration, shutdown: &Shutdown) {
     }
 }
 
-/// Holds a dedicated `LISTEN outbox` connection and wakes the relay on every
-/// notification; reconnects when the connection dies. Polling covers any gap.
-async fn listen(database_url: String, wake: Arc<Notify>, shutdown: Shutdown) {
+/// Holds a dedicated `LISTEN <channel>` connection and wakes the relay on
+/// every notification; reconnects when the connection dies. Polling covers
+/// any gap.
+async fn listen(database_url: String, channel: String, wake: Arc<Notify>, shutdown: Shutdown) {
     let mut failures = 0u32;
     while !shutdown.is_triggered() {
-        match listen_once(&database_url, &wake).await {
+        match listen_once(&database_url, &channel, &wake).await {
             Ok(()) => {}
             Err(error) => {
                 if failures == 0 {
@@ -301,9 +336,10 @@ async fn listen(database_url: String, wake: Arc<Notify>, shutdown: Shutdown) {
     }
 }
 
-async fn listen_once(database_url: &str, wake: &Notify) -> Result<(), StoreError> {
+async fn listen_once(database_url: &str, channel: &str, wake: &Notify) -> Result<(), StoreError> {
     let mut conn: AsyncPgConnection = store::connect(database_url).await?;
-    diesel::sql_query("LISTEN outbox")
+    // The channel is ours (`outbox_<publisher>`), never a caller's text.
+    diesel::sql_query(format!("LISTEN {channel}"))
         .execute(&mut conn)
         .await
         .map_err(StoreError::classify)?;

@@ -83,3 +83,18 @@ pub async fn count(conn: &mut AsyncPgConnection, consumer: &str) -> Result<i64, 
         .await
         .map_err(StoreError::classify)
 }
+
+/// How many of `message_ids` this consumer has processed.
+pub async fn count_among(
+    conn: &mut AsyncPgConnection,
+    consumer: &str,
+    message_ids: &[Uuid],
+) -> Result<i64, StoreError> {
+    processed_messages::table
+        .filter(processed_messages::consumer.eq(consumer))
+        .filter(processed_messages::message_id.eq_any(message_ids))
+        .count()
+        .get_result(conn)
+        .await
+        .map_err(StoreError::classify)
+}

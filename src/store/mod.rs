@@ -3,12 +3,16 @@
 //!
 //! No broker I/O happens here, and no transaction here ever waits on the broker.
 
+pub mod event_reader;
+pub mod event_store;
+pub mod ground_truth;
 pub mod inbox;
 pub mod metrics;
 pub mod orders;
 pub mod outbox;
 pub mod refunds;
 pub mod schema;
+pub mod shipments;
 
 use diesel_async::{
     AsyncConnection, AsyncMigrationHarness, AsyncPgConnection,

@@ -6,20 +6,20 @@
 //! A change is optimistic: read the order, let the pure domain decide, write
 //! only if the order's version is still the one read; otherwise read again.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
-use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
 use super::{
-    ConnectionFailure, StoreError,
+    ConnectionFailure, StoreError, inbox,
     schema::{orders, refunds},
 };
 use crate::domain::{
     AmountCents, CancelError, CustomerEmail, EventId, EventRecord, Order, OrderId, OrderState,
-    PaymentId, ShipError, ShippingAddress,
+    PaymentId, RefundStatus, ShipError, ShippingAddress, ShippingInfoError,
 };
 
 /// How many times a change reads the order and decides again after another
@@ -40,6 +40,8 @@ struct OrderRow {
     state: String,
     version: i64,
     refund_status: Option<String>,
+    refund_failure_reason: Option<String>,
+    refund_status_at: Option<DateTime<Utc>>,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
 }
@@ -57,7 +59,12 @@ impl From<&Order> for OrderRow {
                 .map(|a| a.as_str().to_owned()),
             state: order.state.as_str().to_owned(),
             version: order.version,
-            refund_status: order.refund_status.clone(),
+            refund_status: order.refund_status.as_ref().map(|s| s.as_str().to_owned()),
+            refund_failure_reason: order
+                .refund_status
+                .as_ref()
+                .and_then(|s| s.reason().map(str::to_owned)),
+            refund_status_at: order.refund_status.as_ref().map(RefundStatus::at),
             created_at: order.created_at,
             updated_at: order.updated_at,
         }
@@ -86,10 +93,30 @@ impl TryFrom<OrderRow> for Order {
             state: OrderState::parse(&row.state)
                 .ok_or_else(|| corrupt(format!("unknown state `{}`", row.state)))?,
             version: row.version,
-            refund_status: row.refund_status.clone(),
+            refund_status: stored_refund_status(
+                row.refund_status.as_deref(),
+                row.refund_failure_reason.clone(),
+                row.refund_status_at,
+            )
+            .map_err(corrupt)?,
             created_at: row.created_at,
             updated_at: row.updated_at,
         })
+    }
+}
+
+/// The refund status columns as the domain's value; an error names what is wrong.
+fn stored_refund_status(
+    status: Option<&str>,
+    reason: Option<String>,
+    at: Option<DateTime<Utc>>,
+) -> Result<Option<RefundStatus>, String> {
+    match (status, at) {
+        (None, _) => Ok(None),
+        (Some(status), Some(at)) => RefundStatus::from_parts(status, reason, at)
+            .map(Some)
+            .ok_or_else(|| format!("unknown refund status `{status}`")),
+        (Some(status), None) => Err(format!("refund status `{status}` without its time")),
     }
 }
 
@@ -169,11 +196,12 @@ async fn read<R>(conn: &mut AsyncPgConnection, id: OrderId) -> Result<Order, Cha
     find(conn, id).await?.ok_or(ChangeOrderError::NotFound(id))
 }
 
-/// Writes what a state change touches (state, version, updated_at: no other
-/// column, so a stale read cannot undo it) and inserts `event`, in one
-/// statement (atomic by itself, so P1 holds without BEGIN/COMMIT; the outbox
-/// trigger's NOTIFY fires at its commit), if the order is still at
-/// `read_version`. Returns whether it was.
+/// Writes what an order change touches (state, shipping address, version,
+/// updated_at: never the refund status, which is not the order's own and
+/// moves without the version, so a stale read cannot undo it) and inserts
+/// `event`, in one statement (atomic by itself, so P1 holds without
+/// BEGIN/COMMIT; the outbox trigger's NOTIFY fires at its commit), if the
+/// order is still at `read_version`. Returns whether it was.
 async fn write_with_event(
     conn: &mut AsyncPgConnection,
     order: &Order,
@@ -184,14 +212,14 @@ async fn write_with_event(
     use diesel::sql_types::{BigInt, Integer, Jsonb, Nullable, Text, Timestamptz, Uuid as SqlUuid};
     let inserted = diesel::sql_query(
         "WITH changed AS ( \
-             UPDATE orders SET state = $2, version = $3, updated_at = $4 \
+             UPDATE orders SET state = $2, version = $3, updated_at = $4, shipping_address = $15 \
              WHERE id = $1 AND version = $5 \
              RETURNING id \
          ) \
          INSERT INTO outbox (event_id, event_type, event_version, aggregate_type, \
                              aggregate_id, aggregate_version, payload, correlation_id, \
-                             occurred_at) \
-         SELECT $6, $7, $8, $9, $10, $11, $12, $13, $14 FROM changed",
+                             occurred_at, publisher) \
+         SELECT $6, $7, $8, $9, $10, $11, $12, $13, $14, $16 FROM changed",
     )
     .bind::<SqlUuid, _>(order.id.as_uuid())
     .bind::<Text, _>(order.state.as_str())
@@ -207,6 +235,8 @@ async fn write_with_event(
     .bind::<Jsonb, _>(&event.payload)
     .bind::<Nullable<Text>, _>(correlation_id)
     .bind::<Timestamptz, _>(event.occurred_at)
+    .bind::<Nullable<Text>, _>(order.shipping_address.as_ref().map(ShippingAddress::as_str))
+    .bind::<Text, _>(event.publisher.as_str())
     .execute(conn)
     .await?;
     Ok(inserted == 1)
@@ -260,6 +290,36 @@ pub async fn cancel(
     Err(ChangeOrderError::Contended(id))
 }
 
+/// Changes an order's shipping address: `Order::change_shipping_info()`
+/// decides and raises `ShippingInfoChanged`, stored with the change in the
+/// same one statement as [`cancel`], with the same optimistic check. The
+/// event id is `None` when the address was already that one (nothing written).
+pub async fn change_shipping_info(
+    conn: &mut AsyncPgConnection,
+    id: OrderId,
+    address: &ShippingAddress,
+    correlation_id: Option<&str>,
+    now: DateTime<Utc>,
+) -> Result<(Order, Option<EventId>), ChangeOrderError<ShippingInfoError>> {
+    for _ in 0..CHANGE_ATTEMPTS {
+        let mut order = read(conn, id).await?;
+        let read_version = order.version;
+        let Some(event) = order
+            .change_shipping_info(address.clone(), now)
+            .map_err(ChangeOrderError::Refused)?
+        else {
+            return Ok((order, None));
+        };
+        let record = event
+            .to_record()
+            .map_err(|e| diesel::result::Error::SerializationError(Box::new(e)))?;
+        if write_with_event(conn, &order, read_version, &record, correlation_id).await? {
+            return Ok((order, Some(event.event_id)));
+        }
+    }
+    Err(ChangeOrderError::Contended(id))
+}
+
 /// Marks an order shipped (no event yet: nothing consumes shipping in this
 /// version), with the same optimistic check as [`cancel`].
 pub async fn ship(
@@ -289,4 +349,125 @@ pub async fn count_in_state(
         .get_result(conn)
         .await
         .map_err(StoreError::classify)
+}
+
+/// One report of the refund context about an order's refund, as the order
+/// service's `orders.refund-status` worker received it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefundReport {
+    pub message_id: Uuid,
+    pub order_id: OrderId,
+    pub status: RefundStatus,
+}
+
+/// An order's id and its refund status columns, as read for update.
+type StoredRefundStatus = (Uuid, Option<String>, Option<String>, Option<DateTime<Utc>>);
+
+/// What recording one report did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReportRecorded {
+    /// The order's refund status changed.
+    Changed,
+    /// The order already had this status or one that wins over it
+    /// ([`RefundStatus::converge`]); recorded as processed.
+    Unchanged,
+    /// Another delivery of the same message committed first.
+    AlreadyProcessed,
+    /// No such order: nothing was written, not even the inbox row.
+    UnknownOrder,
+}
+
+/// Records a batch of refund reports on their orders and their inbox rows, in
+/// one transaction. The orders are read and locked first (in id order, so two
+/// workers cannot deadlock), each report is folded in by the domain's
+/// convergence rule in batch order, and only the orders whose status changed
+/// are written. The refund status moves without the order's version: it is
+/// the refund context's fact, not an order change.
+pub async fn record_refund_reports_with_inbox(
+    conn: &mut AsyncPgConnection,
+    consumer: &str,
+    reports: &[RefundReport],
+) -> Result<Vec<ReportRecorded>, StoreError> {
+    conn.transaction(async |conn| {
+        let ids: Vec<Uuid> = reports.iter().map(|r| r.order_id.as_uuid()).collect();
+        let rows: Vec<StoredRefundStatus> = orders::table
+            .filter(orders::id.eq_any(&ids))
+            .order(orders::id)
+            .select((
+                orders::id,
+                orders::refund_status,
+                orders::refund_failure_reason,
+                orders::refund_status_at,
+            ))
+            .for_update()
+            .load(conn)
+            .await?;
+        let mut held: HashMap<Uuid, Option<RefundStatus>> = HashMap::new();
+        for (id, status, reason, at) in rows {
+            let status = stored_refund_status(status.as_deref(), reason, at).map_err(|what| {
+                diesel::result::Error::DeserializationError(format!("order {id}: {what}").into())
+            })?;
+            held.insert(id, status);
+        }
+        let known: Vec<Uuid> = reports
+            .iter()
+            .filter(|r| held.contains_key(&r.order_id.as_uuid()))
+            .map(|r| r.message_id)
+            .collect();
+        let new = inbox::record_many(conn, consumer, &known).await?;
+        let mut changed = HashSet::new();
+        let mut recorded = Vec::with_capacity(reports.len());
+        for report in reports {
+            let order = report.order_id.as_uuid();
+            let Some(status) = held.get_mut(&order) else {
+                recorded.push(ReportRecorded::UnknownOrder);
+                continue;
+            };
+            if !new.contains(&report.message_id) {
+                recorded.push(ReportRecorded::AlreadyProcessed);
+                continue;
+            }
+            match RefundStatus::converge(status.as_ref(), report.status.clone()) {
+                Some(next) => {
+                    *status = Some(next);
+                    changed.insert(order);
+                    recorded.push(ReportRecorded::Changed);
+                }
+                None => recorded.push(ReportRecorded::Unchanged),
+            }
+        }
+        for order in changed {
+            let status = held.get(&order).cloned().flatten();
+            diesel::update(orders::table.find(order))
+                .set((
+                    orders::refund_status.eq(status.as_ref().map(RefundStatus::as_str)),
+                    orders::refund_failure_reason
+                        .eq(status.as_ref().and_then(RefundStatus::reason)),
+                    orders::refund_status_at.eq(status.as_ref().map(RefundStatus::at)),
+                ))
+                .execute(conn)
+                .await?;
+        }
+        Ok(recorded)
+    })
+    .await
+    .map_err(StoreError::classify)
+}
+
+/// How many of `order_ids` have each refund status (`none`: no status yet).
+pub async fn count_by_refund_status(
+    conn: &mut AsyncPgConnection,
+    order_ids: &[Uuid],
+) -> Result<std::collections::BTreeMap<String, i64>, StoreError> {
+    let rows: Vec<(Option<String>, i64)> = orders::table
+        .filter(orders::id.eq_any(order_ids))
+        .group_by(orders::refund_status)
+        .select((orders::refund_status, diesel::dsl::count_star()))
+        .load(conn)
+        .await
+        .map_err(StoreError::classify)?;
+    Ok(rows
+        .into_iter()
+        .map(|(status, n)| (status.unwrap_or_else(|| "none".to_owned()), n))
+        .collect())
 }

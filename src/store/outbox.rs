@@ -1,7 +1,12 @@
 //! The `outbox` table: the relay's claim / mark-published / record-failure
-//! statements, and lookups. Events are inserted by the statement
-//! that makes the change they describe (`orders::cancel`), so that both commit
-//! or neither does.
+//! statements, the refund context's event inserts, and lookups. Each row
+//! belongs to one publisher (`orders` or `refunds`), whose relay alone
+//! publishes it. Events are inserted in the transaction of the change they
+//! describe, so that both commit or neither does: the order service's by
+//! the one statement that changes the order (`orders.rs`), the refund
+//! context's in the transaction that records the refund (`refunds.rs`), or
+//! on their own when they record nothing else (a refund given up on).
+//! Reading the outbox as an event store, and pruning it, is `event_store.rs`.
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
@@ -9,6 +14,7 @@ use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
 use super::{StoreError, schema::outbox};
+use crate::domain::{EventRecord, Publisher};
 
 /// A stored event as the relay publishes it.
 #[derive(Debug, Clone, Queryable, Selectable)]
@@ -32,10 +38,15 @@ pub struct OutboxRow {
     pub next_attempt_at: DateTime<Utc>,
 }
 
-/// The oldest pending rows that are due, in id (commit) order.
-pub async fn due(conn: &mut AsyncPgConnection, limit: i64) -> Result<Vec<OutboxRow>, StoreError> {
+/// `publisher`'s oldest pending rows that are due, in id order.
+pub async fn due(
+    conn: &mut AsyncPgConnection,
+    publisher: Publisher,
+    limit: i64,
+) -> Result<Vec<OutboxRow>, StoreError> {
     outbox::table
         .filter(outbox::published_at.is_null())
+        .filter(outbox::publisher.eq(publisher.as_str()))
         .filter(outbox::next_attempt_at.le(diesel::dsl::now))
         .order(outbox::id)
         .limit(limit)
@@ -43,6 +54,42 @@ pub async fn due(conn: &mut AsyncPgConnection, limit: i64) -> Result<Vec<OutboxR
         .load(conn)
         .await
         .map_err(StoreError::classify)
+}
+
+/// Stores events, each under its record's publisher, in one statement. An
+/// event whose id is stored already is left as it is: an event raised again
+/// by a redelivery (its id derived from the redelivered message) is stored
+/// once. Returns how many were new.
+pub async fn insert(
+    conn: &mut AsyncPgConnection,
+    events: &[(&EventRecord, Option<&str>)],
+) -> QueryResult<usize> {
+    if events.is_empty() {
+        return Ok(0);
+    }
+    let rows: Vec<_> = events
+        .iter()
+        .map(|(event, correlation_id)| {
+            (
+                outbox::event_id.eq(event.event_id.as_uuid()),
+                outbox::publisher.eq(event.publisher.as_str()),
+                outbox::event_type.eq(event.event_type),
+                outbox::event_version.eq(event.event_version),
+                outbox::aggregate_type.eq(event.aggregate_type),
+                outbox::aggregate_id.eq(&event.aggregate_id),
+                outbox::aggregate_version.eq(event.aggregate_version),
+                outbox::payload.eq(&event.payload),
+                outbox::correlation_id.eq(*correlation_id),
+                outbox::occurred_at.eq(event.occurred_at),
+            )
+        })
+        .collect();
+    diesel::insert_into(outbox::table)
+        .values(rows)
+        .on_conflict(outbox::event_id)
+        .do_nothing()
+        .execute(conn)
+        .await
 }
 
 /// Marks rows published; only rows still pending are touched, so a row is
@@ -83,7 +130,7 @@ pub async fn record_failure(
     )
     .set((
         outbox::attempts.eq(outbox::attempts + 1),
-        outbox::last_error.eq(truncate(error, 1024)),
+        outbox::last_error.eq(crate::text::truncate_utf8(error, 1024)),
         outbox::next_attempt_at.eq(next_attempt_at),
     ))
     .execute(conn)
@@ -113,15 +160,4 @@ pub async fn pending_count(conn: &mut AsyncPgConnection) -> Result<i64, StoreErr
         .get_result(conn)
         .await
         .map_err(StoreError::classify)
-}
-
-pub(crate) fn truncate(text: &str, max_bytes: usize) -> String {
-    if text.len() <= max_bytes {
-        return text.to_owned();
-    }
-    let mut end = max_bytes;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    text[..end].to_owned()
 }

@@ -1,4 +1,6 @@
-//! The `refunds` table: the refund context's record, one row per canceled order.
+//! The `refunds` table: the refund context's record, one row per canceled
+//! order, written together with the refund context's `refund.completed`
+//! outbox row.
 
 use std::collections::HashSet;
 
@@ -7,7 +9,8 @@ use diesel::prelude::*;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
-use super::{StoreError, inbox, schema::refunds};
+use super::{StoreError, inbox, outbox, schema::refunds};
+use crate::domain::EventRecord;
 
 #[derive(Debug, Clone, Queryable, Selectable, Insertable)]
 #[diesel(table_name = refunds)]
@@ -22,6 +25,14 @@ pub struct RefundRow {
     pub status: String,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+}
+
+/// A refund to record, and the `refund.completed` event that announces it,
+/// stored in the same transaction (and only if the refund is).
+#[derive(Debug, Clone)]
+pub struct NewRefund {
+    pub row: RefundRow,
+    pub completed: EventRecord,
 }
 
 /// What recording a refund did.
@@ -41,7 +52,7 @@ pub enum Recorded {
 pub async fn record_with_inbox(
     conn: &mut AsyncPgConnection,
     consumer: &str,
-    refund: &RefundRow,
+    refund: &NewRefund,
 ) -> Result<Recorded, StoreError> {
     let recorded =
         record_batch_with_inbox(conn, consumer, std::slice::from_ref(refund), &[]).await?;
@@ -56,25 +67,27 @@ pub struct RecordedBatch {
     pub inbox_only: Vec<bool>,
 }
 
-/// Writes a batch of refunds and their inbox rows, plus inbox rows for
-/// messages whose order was refunded already (`inbox_only`), in one
-/// transaction: three statements however large the batch. Each refund gets
-/// the outcome [`record_with_inbox`] would have given it alone.
+/// Writes a batch of refunds, their `refund.completed` events and their
+/// inbox rows, plus inbox rows for messages whose order was refunded already
+/// (`inbox_only`), in one transaction: four statements however large the
+/// batch. Each refund gets the outcome [`record_with_inbox`] would have
+/// given it alone, and an event only if its row was written.
 pub async fn record_batch_with_inbox(
     conn: &mut AsyncPgConnection,
     consumer: &str,
-    refunds: &[RefundRow],
+    refunds: &[NewRefund],
     inbox_only: &[Uuid],
 ) -> Result<RecordedBatch, StoreError> {
     conn.transaction(async |conn| {
         let ids: Vec<Uuid> = refunds
             .iter()
-            .map(|r| r.event_id)
+            .map(|r| r.row.event_id)
             .chain(inbox_only.iter().copied())
             .collect();
         let new = inbox::record_many(conn, consumer, &ids).await?;
         let fresh: Vec<&RefundRow> = refunds
             .iter()
+            .map(|r| &r.row)
             .filter(|r| new.contains(&r.event_id))
             .collect();
         let inserted: HashSet<Uuid> = if fresh.is_empty() {
@@ -90,9 +103,19 @@ pub async fn record_batch_with_inbox(
                 .into_iter()
                 .collect()
         };
+        // Each refund's event names the request it answers as its correlation.
+        let asked_by: Vec<String> = refunds.iter().map(|r| r.row.event_id.to_string()).collect();
+        let completed: Vec<_> = refunds
+            .iter()
+            .zip(&asked_by)
+            .filter(|(r, _)| inserted.contains(&r.row.event_id))
+            .map(|(r, asked_by)| (&r.completed, Some(asked_by.as_str())))
+            .collect();
+        outbox::insert(conn, &completed).await?;
         Ok(RecordedBatch {
             refunds: refunds
                 .iter()
+                .map(|r| &r.row)
                 .map(|r| {
                     if !new.contains(&r.event_id) {
                         Recorded::AlreadyProcessed
@@ -121,6 +144,19 @@ pub async fn all(conn: &mut AsyncPgConnection) -> Result<Vec<RefundRow>, StoreEr
 
 pub async fn count(conn: &mut AsyncPgConnection) -> Result<i64, StoreError> {
     refunds::table
+        .count()
+        .get_result(conn)
+        .await
+        .map_err(StoreError::classify)
+}
+
+/// How many of `order_ids` have their refund.
+pub async fn count_for_orders(
+    conn: &mut AsyncPgConnection,
+    order_ids: &[Uuid],
+) -> Result<i64, StoreError> {
+    refunds::table
+        .filter(refunds::order_id.eq_any(order_ids))
         .count()
         .get_result(conn)
         .await

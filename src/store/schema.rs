@@ -1,4 +1,6 @@
-// Written to match migrations/; keep the two in step.
+// Written to match migrations/; keep the two in step. Columns of types
+// Diesel has no mapping for (`outbox.tx_id`, `outbox_pruned`, both xid8) are
+// left out here and read with SQL in `outbox.rs`.
 
 diesel::table! {
     orders (id) {
@@ -10,6 +12,8 @@ diesel::table! {
         state -> Text,
         version -> Int8,
         refund_status -> Nullable<Text>,
+        refund_failure_reason -> Nullable<Text>,
+        refund_status_at -> Nullable<Timestamptz>,
         created_at -> Timestamptz,
         updated_at -> Timestamptz,
     }
@@ -32,6 +36,7 @@ diesel::table! {
         attempts -> Int4,
         last_error -> Nullable<Text>,
         next_attempt_at -> Timestamptz,
+        publisher -> Text,
     }
 }
 
@@ -57,4 +62,19 @@ diesel::table! {
     }
 }
 
-diesel::allow_tables_to_appear_in_same_query!(orders, outbox, processed_messages, refunds);
+diesel::table! {
+    shipments (order_id) {
+        order_id -> Uuid,
+        shipping_address -> Text,
+        applied_version -> Int8,
+        updated_at -> Timestamptz,
+    }
+}
+
+diesel::allow_tables_to_appear_in_same_query!(
+    orders,
+    outbox,
+    processed_messages,
+    refunds,
+    shipments
+);

@@ -74,6 +74,19 @@ async fn the_demo_summary_shows_zero_pending_lost_and_doubled() {
         summary.dead_letter_samples
     );
     assert_eq!(summary.refunds_in_gateway as i64, summary.refunded);
+    assert_eq!(
+        summary.refund_statuses.get("refunded").copied(),
+        Some(summary.refunded as usize),
+        "every refund shows on its order: {:?}",
+        summary.refund_statuses
+    );
+    assert_eq!(
+        summary.refund_statuses.get("refund_failed").copied(),
+        Some(1),
+        "so does the refund the gateway refused: {:?}",
+        summary.refund_statuses
+    );
+    assert_eq!(summary.without_status, 0);
     assert!(
         summary.clean_exits.iter().all(|(_, clean)| *clean),
         "{:?}",

@@ -236,6 +236,49 @@ impl TestEnv {
         order
     }
 
+    /// Changes an order's shipping address straight through the store;
+    /// returns the event raised (`None`: the address was already this one).
+    pub async fn change_address(&self, order: OrderId, address: &str) -> Option<EventId> {
+        let address =
+            courier::domain::ShippingAddress::parse(address).unwrap_or_else(|e| panic!("{e}"));
+        let mut conn = self.conn().await;
+        store::orders::change_shipping_info(
+            &mut conn,
+            order,
+            &address,
+            Some("test"),
+            chrono::Utc::now(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("shipping change failed: {e}"))
+        .1
+    }
+
+    /// The outbox rows of one event type, in id order.
+    pub async fn outbox_rows(&self, event_type: &str) -> Vec<store::outbox::OutboxRow> {
+        use courier::store::schema::outbox;
+        use diesel::{ExpressionMethods, QueryDsl, SelectableHelper};
+        let mut conn = self.conn().await;
+        outbox::table
+            .filter(outbox::event_type.eq(event_type))
+            .order(outbox::id)
+            .select(store::outbox::OutboxRow::as_select())
+            .load(&mut conn)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Publishes a stored event straight into `queue`, as its relay would
+    /// have sent it.
+    pub async fn publish_row(&self, queue: &str, row: &store::outbox::OutboxRow) {
+        self.publish_raw(
+            queue,
+            row.payload.to_string().as_bytes(),
+            courier::amqp::envelope::properties_for(row, "test"),
+        )
+        .await;
+    }
+
     /// Places and cancels an order; returns the order id and its event id.
     pub async fn cancel_new_order(&self, payment_id: &str) -> (OrderId, EventId) {
         let order = self.place_order(payment_id).await;
@@ -538,7 +581,16 @@ pub async fn publish_event_into(
     queue: &str,
     event: &courier::domain::OrderCanceled,
 ) -> anyhow::Result<()> {
-    let record = event.to_record()?;
+    publish_record_into(publisher, queue, &event.to_record()?).await
+}
+
+/// Publishes an event record straight into `queue` with a complete,
+/// well-formed envelope, confirmed: what its relay would send, by hand.
+pub async fn publish_record_into(
+    publisher: &ConfirmedPublisher,
+    queue: &str,
+    record: &courier::domain::EventRecord,
+) -> anyhow::Result<()> {
     let row = courier::store::outbox::OutboxRow {
         id: 0,
         event_id: record.event_id.as_uuid(),

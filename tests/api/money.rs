@@ -57,7 +57,16 @@ async fn assert_refused(env: &TestEnv, event: &OrderCanceled, why: &str) -> anyh
     );
     assert!(env.gateway_ledger().await.is_empty(), "no money moved");
     assert_eq!(env.count("SELECT count(*) FROM refunds").await, 0);
-    consumer.stop().await
+    // A message the order record does not back is not the order's refund
+    // failing: no refund.failed, so no order is marked for it.
+    consumer.stop().await?;
+    assert_eq!(
+        env.count("SELECT count(*) FROM outbox WHERE publisher = 'refunds'")
+            .await,
+        0,
+        "a refused message raises no refund event"
+    );
+    Ok(())
 }
 
 #[tokio::test]
@@ -102,10 +111,20 @@ async fn a_second_event_for_a_refunded_order_moves_no_money() -> anyhow::Result<
         0,
         "and acked, not shelved"
     );
+    // The order service takes the refund's completion back to the order
+    // (its relay finds nothing left to publish: the test's relay did).
+    let producer = env.start_producer().await;
+    wait_until("the order shows its refund", SETTLE, async || {
+        env.count("SELECT count(*) FROM orders WHERE refund_status = 'refunded'")
+            .await
+            == 1
+    })
+    .await;
     let mut conn = env.conn().await;
     let (report, _) =
         check::gather(&mut conn, &env.settings.amqp, &env.settings.gateway, None).await?;
     assert!(report.passed(), "{report:?}");
+    producer.stop().await?;
     consumer.stop().await
 }
 

@@ -116,7 +116,8 @@ fn assert_refused(error: Option<String>, object: &str, user: &str) {
 }
 
 #[tokio::test]
-async fn the_producer_user_can_publish_into_orders_events_and_nothing_else() -> anyhow::Result<()> {
+async fn the_producer_user_can_publish_order_events_and_its_own_failure_copies_and_nothing_else()
+-> anyhow::Result<()> {
     let env = TestEnv::new().await;
     let users = TestUsers::provision(&env).await?;
     let user = users.amqp.producer.user.clone();
@@ -125,7 +126,22 @@ async fn the_producer_user_can_publish_into_orders_events_and_nothing_else() -> 
     assert_eq!(
         publish_as(&producer, "orders.events", "order.canceled").await,
         None,
-        "the relay's one job"
+        "the relay's job"
+    );
+    assert_eq!(
+        publish_as(
+            &producer,
+            "orders.refund-status.failures",
+            "orders.refund-status.dead"
+        )
+        .await,
+        None,
+        "its refund-status worker's dead letters"
+    );
+    assert_refused(
+        publish_as(&producer, "refunds.events", "refund.completed").await,
+        "exchange 'refunds.events'",
+        &user,
     );
     assert_refused(
         publish_as(&producer, "", "refunds").await,
@@ -219,6 +235,37 @@ async fn the_consumer_user_cannot_publish_into_orders_events() -> anyhow::Result
 }
 
 #[tokio::test]
+async fn only_the_consumer_user_can_publish_refund_events() -> anyhow::Result<()> {
+    let env = TestEnv::new().await;
+    let users = TestUsers::provision(&env).await?;
+    let consumer = users.connect(&users.amqp.consumer).await?;
+    assert_eq!(
+        publish_as(&consumer, "refunds.events", "refund.completed").await,
+        None,
+        "the refund side's relay"
+    );
+    assert_eq!(env.queue_depth("orders.refund-status").await, 1);
+    let producer = users.connect(&users.amqp.producer).await?;
+    assert_refused(
+        publish_as(&producer, "refunds.events", "refund.failed").await,
+        "exchange 'refunds.events'",
+        &users.amqp.producer.user,
+    );
+    assert_refused(
+        refusal_of(&consumer, async |ch| {
+            ch.basic_get("orders.refund-status".into(), BasicGetOptions::default())
+                .await
+        })
+        .await,
+        "queue 'orders.refund-status'",
+        &users.amqp.consumer.user,
+    );
+    let _ = consumer.close(200, "done".into()).await;
+    let _ = producer.close(200, "done".into()).await;
+    users.remove().await
+}
+
+#[tokio::test]
 async fn the_consumer_user_can_write_failure_copies_only_into_its_own_tiers_and_dead_letters()
 -> anyhow::Result<()> {
     let env = TestEnv::new().await;
@@ -297,6 +344,18 @@ async fn a_refund_and_a_dead_letter_flow_end_to_end_under_least_privilege_users(
     );
     assert_eq!(env.count("SELECT count(*) FROM refunds").await, 1);
     assert_eq!(env.queue_depth("refunds.dead").await, 1);
+    // Both outcomes went back to the orders: relayed as the consumer's user,
+    // recorded by the order service's worker as the producer's.
+    wait_until("both orders show their refund status", SETTLE, async || {
+        env.count(
+            "SELECT count(*) FROM orders WHERE refund_status = 'refunded' \
+             OR (id = ANY(SELECT id FROM orders WHERE payment_id = 'pay-doomed') \
+                 AND refund_status = 'refund_failed')",
+        )
+        .await
+            == 2
+    })
+    .await;
     producer.stop().await?;
     consumer.stop().await?;
     users.remove().await
@@ -346,7 +405,8 @@ async fn a_consumer_refused_its_queue_stops_with_a_configuration_error_naming_us
     let users = TestUsers::provision(&env).await?;
     let user = users.amqp.consumer.user.clone();
     let mut narrowed = Permissions::consumer(&env.topology);
-    narrowed.read = "^notifications$".to_owned();
+    // Every work queue of the consumer but `refunds`, so that one is refused.
+    narrowed.read = "^(notifications|shipping-sync)$".to_owned();
     regrant(&users, &user, &narrowed).await?;
 
     let error = stopped_by_itself(

@@ -256,8 +256,8 @@ async fn the_running_relay_is_woken_by_notify_without_polling() {
         async || outbox_row(&env, first).await.published_at.is_some(),
     )
     .await;
-    wait_until("the relay listens on `outbox`", Duration::from_secs(10), async || {
-        env.count("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND query = 'LISTEN outbox'")
+    wait_until("the relay listens on `outbox_orders`", Duration::from_secs(10), async || {
+        env.count("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND query = 'LISTEN outbox_orders'")
             .await
             == 1
     })

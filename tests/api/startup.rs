@@ -53,6 +53,21 @@ fn a_bad_config_value_stops_every_binary_with_the_key_that_is_wrong() {
             "[]",
             "topology.retry_delays",
         ),
+        (
+            "consumer",
+            &[],
+            "COURIER__CONSUMER__WORKERS",
+            "[\"refunds\",\"refundz\"]",
+            "consumer.workers",
+        ),
+        // The order service's worker is not the consumer's to run.
+        (
+            "consumer",
+            &[],
+            "COURIER__CONSUMER__WORKERS",
+            "[\"orders.refund-status\"]",
+            "consumer.workers",
+        ),
     ] {
         let (code, stderr) = run_with(binary, args, key, value);
         assert_eq!(code, Some(2), "{binary} with {key}={value}: {stderr}");

@@ -155,11 +155,11 @@ async fn refund_is_made_once_when_consumer_is_sigkilled_mid_run() {
     );
 }
 
-/// Orders queued before the consumer starts, so its deliveries arrive
-/// together and share commits; the consumer aborts on every life's second
-/// batch commit, before any of that batch's acks.
-#[tokio::test]
-async fn refunds_are_made_once_when_consumer_dies_after_a_batch_commit_before_its_acks() {
+/// A run with the gateway and the order service up, whose consumer (not yet
+/// started) takes batches of up to 8 and aborts on every life's second batch
+/// commit, before any of that batch's acks. Work queued before it starts
+/// arrives together, so its batches are full.
+async fn run_dying_after_second_batch_commit() -> Run {
     let mut run = Run::new(|f| {
         f.merge(Serialized::default("consumer.prefetch", 8))
             .merge(Serialized::default("consumer.concurrency", 8))
@@ -175,6 +175,15 @@ async fn refunds_are_made_once_when_consumer_dies_after_a_batch_commit_before_it
     );
     run.spawn(GATEWAY).await;
     run.spawn(PRODUCER).await;
+    run
+}
+
+/// Orders queued before the consumer starts, so its deliveries arrive
+/// together and share commits; the consumer aborts on every life's second
+/// batch commit, before any of that batch's acks.
+#[tokio::test]
+async fn refunds_are_made_once_when_consumer_dies_after_a_batch_commit_before_its_acks() {
+    let mut run = run_dying_after_second_batch_commit().await;
     let orders: HashSet<_> = run
         .cancel_orders(ORDERS * 2, "pay-batch-crash")
         .await
@@ -225,5 +234,58 @@ async fn event_is_refunded_once_when_relay_dies_between_a_batch_confirms() {
     assert!(
         run.log_count(CONSUMER, "duplicate delivery absorbed") >= 1,
         "no confirmed but unmarked event was published again"
+    );
+}
+
+/// The refund side's relay runs in the consumer: killed there once the
+/// broker confirmed a `refund.completed` and before the row was marked, it
+/// publishes it again when the consumer is back, and the order service
+/// absorbs the copy.
+#[tokio::test]
+async fn refund_status_is_recorded_once_when_the_refund_relay_dies_after_confirm_before_mark() {
+    let (run, report) = run_with_crashes(CONSUMER, CrashPoint::AfterConfirmBeforeMark, "2").await;
+    assert_survived(&run, &report, CONSUMER, "refund relay killed after confirm");
+    assert_eq!(
+        report.refund_statuses.get("refunded"),
+        Some(&ORDERS),
+        "{report:?}"
+    );
+    assert!(
+        run.log_count(CONSUMER, "crash point `after-confirm-before-mark` reached") >= 1,
+        "the refund relay never died between confirm and mark"
+    );
+    assert!(
+        run.log_count(PRODUCER, "duplicate delivery absorbed") >= 1,
+        "no confirmed refund event was published again, so the fault did not hit"
+    );
+}
+
+/// Address changes queued before the consumer starts, so shipping-sync's
+/// deliveries arrive together and share commits; the consumer aborts on
+/// every life's second batch commit, before any of that batch's acks.
+#[tokio::test]
+async fn shipping_sync_converges_when_killed_after_a_batch_commit_before_its_acks() {
+    let mut run = run_dying_after_second_batch_commit().await;
+    let orders: HashSet<_> = run
+        .change_addresses(ORDERS / 2, 4, "ship-crash")
+        .await
+        .into_iter()
+        .collect();
+    run.spawn(CONSUMER).await;
+    let report = run.settle(&orders, SETTLE).await;
+    assert_passed(&report, "shipping-sync killed after a batch commit");
+    assert_eq!(report.shipping_changed, ORDERS / 2, "{report:?}");
+    assert!(
+        run.log_count(CONSUMER, "crash point `after-batch-commit` reached") >= 1,
+        "no batch of several deliveries ever committed, so the fault did not hit"
+    );
+    assert!(
+        run.starts(CONSUMER) >= 2,
+        "the consumer was never killed: {:?}",
+        run.pids
+    );
+    assert!(
+        run.log_count(CONSUMER, "duplicate delivery absorbed") >= 2,
+        "the committed batch did not come back, so its acks were not what was lost"
     );
 }

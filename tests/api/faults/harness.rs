@@ -269,8 +269,54 @@ impl Run {
         ids
     }
 
+    /// Places `n` orders through the producer's API and changes each one's
+    /// shipping address `changes` times (each change a new address, so each
+    /// raises an event); returns the order ids.
+    pub async fn change_addresses(&mut self, n: usize, changes: usize, prefix: &str) -> Vec<Uuid> {
+        let mut ids = Vec::with_capacity(n);
+        for i in 0..n {
+            let body = serde_json::json!({
+                "payment_id": format!("{prefix}-{i}"),
+                "amount_cents": 100 + i,
+                "customer_email": format!("s{i}@example.org"),
+            });
+            let order = self.post_retrying("/orders", Some(&body), &[201]).await;
+            let id = order["id"]
+                .as_str()
+                .and_then(|s| Uuid::parse_str(s).ok())
+                .unwrap_or_else(|| panic!("{order}"));
+            for change in 1..=changes {
+                let address = serde_json::json!({
+                    "shipping_address": format!("{change} {prefix} Street\nOrder {i}"),
+                });
+                self.send_retrying(
+                    reqwest::Method::PUT,
+                    &format!("/orders/{id}/shipping-info"),
+                    Some(&address),
+                    &[200],
+                )
+                .await;
+            }
+            ids.push(id);
+        }
+        ids
+    }
+
     async fn post_retrying(
         &mut self,
+        path: &str,
+        body: Option<&serde_json::Value>,
+        ok: &[u16],
+    ) -> serde_json::Value {
+        self.send_retrying(reqwest::Method::POST, path, body, ok)
+            .await
+    }
+
+    /// Sends a request to the producer's API, retrying while the producer
+    /// is in the middle of a restart.
+    async fn send_retrying(
+        &mut self,
+        method: reqwest::Method,
         path: &str,
         body: Option<&serde_json::Value>,
         ok: &[u16],
@@ -278,7 +324,7 @@ impl Run {
         let url = format!("http://{}{path}", self.settings.producer.listen);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
-            let mut request = self.http.post(&url);
+            let mut request = self.http.request(method.clone(), &url);
             if let Some(body) = body {
                 request = request.json(body);
             }
@@ -287,14 +333,14 @@ impl Run {
                     return response.json().await.unwrap_or(serde_json::Value::Null);
                 }
                 Ok(response) => panic!(
-                    "POST {path}: {} {}",
+                    "{method} {path}: {} {}",
                     response.status(),
                     response.text().await.unwrap_or_default()
                 ),
                 Err(error) => {
                     assert!(
                         tokio::time::Instant::now() < deadline,
-                        "POST {path} kept failing: {error}"
+                        "{method} {path} kept failing: {error}"
                     );
                     self.keep_alive().await;
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -303,15 +349,18 @@ impl Run {
         }
     }
 
-    /// Publishes every event in the outbox once more, straight to the events
-    /// exchange from the test's own connection: duplicates on the wire.
+    /// Publishes every order event in the outbox once more, straight to the
+    /// order events exchange from the test's own connection: duplicates on
+    /// the wire.
     pub async fn republish_all_events(&self) {
+        use courier::store::schema::outbox;
         use diesel::prelude::*;
         use diesel_async::RunQueryDsl;
         let rows = {
             let mut conn = self.env.conn().await;
-            courier::store::schema::outbox::table
-                .order(courier::store::schema::outbox::id)
+            outbox::table
+                .filter(outbox::publisher.eq(courier::domain::Publisher::Orders.as_str()))
+                .order(outbox::id)
                 .select(courier::store::outbox::OutboxRow::as_select())
                 .load(&mut conn)
                 .await
@@ -346,6 +395,7 @@ impl Run {
             })
             .collect();
         queues.push(self.settings.topology.unrouted_exchange.clone());
+        queues.push(self.settings.topology.refund_unrouted_exchange.clone());
         queues
     }
 
@@ -376,17 +426,23 @@ impl Run {
         .unwrap_or_else(|e| panic!("checker: {e:#}"))
     }
 
-    /// Keeps restarting dead binaries until every order in `scope` is refunded
-    /// or dead-lettered and nothing is pending, or `timeout` passes; returns
-    /// the final report (the test asserts on it).
+    /// Keeps restarting dead binaries until the run has settled, or `timeout`
+    /// passes; returns the final report (the test asserts on it). Settled:
+    /// every order in `scope` is refunded or dead-lettered, nothing is
+    /// pending, every canceled order shows what became of its refund (the
+    /// refund context's event made it back to the order service), and the
+    /// shipping read model holds every order's newest address.
     pub async fn settle(&mut self, scope: &HashSet<Uuid>, timeout: Duration) -> Report {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             self.keep_alive().await;
             let report = self.check(scope).await;
-            if (report.lost.is_empty() && report.stuck == 0)
-                || tokio::time::Instant::now() >= deadline
-            {
+            let settled = report.lost.is_empty()
+                && report.stuck == 0
+                && report.without_status.is_empty()
+                && report.status_mismatch.is_empty()
+                && report.unconverged.is_empty();
+            if settled || tokio::time::Instant::now() >= deadline {
                 return report;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -421,7 +477,7 @@ impl Run {
 /// Asserts the run's verdict and prints the checker's table.
 pub fn assert_passed(report: &Report, what: &str) {
     println!(
-        "{what}: canceled {}, refunded {}, in gateway {}, dead {:?}, lost {}, doubled {}, without cancel {}, stuck {}, refunded but shelved {}",
+        "{what}: canceled {}, refunded {}, in gateway {}, dead {:?}, lost {}, doubled {}, without cancel {}, stuck {}, refunded but shelved {}, refund statuses {:?}, without status {}, status mismatch {}, shipping changed {}, unconverged {}",
         report.canceled,
         report.refunded,
         report.refunds_in_gateway,
@@ -430,7 +486,12 @@ pub fn assert_passed(report: &Report, what: &str) {
         report.doubled.len(),
         report.without_cancel.len(),
         report.stuck,
-        report.refunded_but_shelved.len()
+        report.refunded_but_shelved.len(),
+        report.refund_statuses,
+        report.without_status.len(),
+        report.status_mismatch.len(),
+        report.shipping_changed,
+        report.unconverged.len()
     );
     assert!(report.lost.is_empty(), "{what}: lost {:?}", report.lost);
     assert!(
@@ -444,4 +505,19 @@ pub fn assert_passed(report: &Report, what: &str) {
         report.without_cancel
     );
     assert_eq!(report.stuck, 0, "{what}: stuck in the outbox");
+    assert!(
+        report.without_status.is_empty(),
+        "{what}: canceled orders without a refund status {:?}",
+        report.without_status
+    );
+    assert!(
+        report.status_mismatch.is_empty(),
+        "{what}: refund status disagrees with the refund {:?}",
+        report.status_mismatch
+    );
+    assert!(
+        report.unconverged.is_empty(),
+        "{what}: shipping read model not converged {:?}",
+        report.unconverged
+    );
 }

@@ -1,5 +1,7 @@
 //! The soak: a long run with many faults of every kind on a schedule, and the
-//! checker's table at the end. Outside CI (`scripts/soak.sh`); its latest
+//! checker's table at the end: cancellations (their refunds and the refund
+//! statuses back on the orders), forged events, and address changes (the
+//! shipping read model). Outside CI (`scripts/soak.sh`); its latest
 //! table is in RELIABILITY.md.
 
 use std::{collections::HashSet, time::Duration};
@@ -84,6 +86,9 @@ fn knob(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+/// How many times each soak order that stays placed changes its address.
+const ADDRESS_CHANGES: usize = 3;
+
 #[derive(Debug, Clone, Copy)]
 enum Fault {
     KillConsumer,
@@ -134,10 +139,15 @@ async fn soak() {
     run.start_all().await;
 
     let per_step = orders / (faults.len() + 1);
+    let address_orders = knob(
+        "COURIER_SOAK_ADDRESS_ORDERS_PER_STEP",
+        (per_step / 10).max(1),
+    );
     let mut scope = HashSet::new();
     let mut broker_restarts = 0;
     let mut leaderless_healed = Vec::new();
     let mut forgeries = Forgeries::default();
+    let mut addressed = 0;
     for (step, fault) in faults.iter().enumerate() {
         let canceled = run
             .cancel_orders(per_step, &format!("pay-soak-{step}"))
@@ -146,6 +156,13 @@ async fn soak() {
             forgeries.publish(&run, *first, step).await;
         }
         scope.extend(canceled);
+        // Orders that stay placed, their address changed a few times each:
+        // the shipping read model must end on every order's last address.
+        let moved = run
+            .change_addresses(address_orders, ADDRESS_CHANGES, &format!("soak-{step}"))
+            .await;
+        addressed += moved.len();
+        scope.extend(moved);
         match fault {
             Fault::KillConsumer => {
                 run.kill(CONSUMER).await;
@@ -202,6 +219,30 @@ async fn soak() {
         report.refunded_but_shelved.len()
     );
     println!(
+        "| canceled orders by refund status (on the order) | {:?} |",
+        report.refund_statuses
+    );
+    println!(
+        "| **canceled orders without a refund status / disagreeing with the refund** | **{} / {}** |",
+        report.without_status.len(),
+        report.status_mismatch.len()
+    );
+    println!(
+        "| orders whose address changed ({ADDRESS_CHANGES} times each) | {addressed} (in the outbox: {}) |",
+        report.shipping_changed
+    );
+    println!(
+        "| **shipping read model not at the last address** | **{}** |",
+        report.unconverged.len()
+    );
+    println!(
+        "| stale shipping changes skipped (consumer's last life) | {} |",
+        run.consumer_stats()
+            .await
+            .get("shipping-sync")
+            .map_or(0, |s| s.skipped)
+    );
+    println!(
         "| consumer processes (kills + 1) | {} |",
         run.starts(CONSUMER)
     );
@@ -217,6 +258,10 @@ async fn soak() {
     println!(
         "| duplicate deliveries absorbed (consumer logs) | {} |",
         run.log_count(CONSUMER, "duplicate delivery absorbed")
+    );
+    println!(
+        "| duplicate refund reports absorbed (order service logs) | {} |",
+        run.log_count(PRODUCER, "duplicate delivery absorbed")
     );
     println!("| wall time | {:.0} s |", elapsed.as_secs_f64());
     assert_passed(&report, "soak");
