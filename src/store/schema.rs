@@ -57,4 +57,24 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    dead_letter_actions (id) {
+        id -> Int8,
+        action -> Text,
+        queue -> Text,
+        target_queue -> Nullable<Text>,
+        message_id -> Nullable<Text>,
+        event_type -> Nullable<Text>,
+        order_id -> Nullable<Text>,
+        error_kind -> Nullable<Text>,
+        last_error -> Nullable<Text>,
+        attempts -> Nullable<Int8>,
+        outcome -> Text,
+        operator -> Text,
+        headers -> Jsonb,
+        body -> Bytea,
+        acted_at -> Timestamptz,
+    }
+}
+
 diesel::allow_tables_to_appear_in_same_query!(orders, outbox, processed_messages, refunds);
