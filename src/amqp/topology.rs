@@ -1,14 +1,20 @@
-//! The broker objects of DESIGN.md §3, declared idempotently by every binary
-//! at start. Names come from config, so each test can run in its own vhost.
+//! The broker objects of DESIGN.md §3: which exchanges, queues and bindings a
+//! topology has ([`Topology::plan`], with each queue's policy), and the
+//! passive checks the services make. Names come from config, so each test
+//! can run in its own vhost.
 
 use std::time::Duration;
 
+use std::collections::HashSet;
+
 use lapin::{
     Channel, ExchangeKind,
-    options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
-    types::{AMQPValue, FieldTable, LongString, ShortString},
+    options::{ExchangeDeclareOptions, QueueDeclareOptions},
+    types::FieldTable,
 };
+use serde_json::Value;
 
+use super::plan::{self, Arguments, TopologyPlan};
 use crate::{config::TopologySettings, domain::OrderCanceled};
 
 /// The event types each worker handles, which are also its binding keys.
@@ -126,92 +132,86 @@ impl Topology {
         Ok(())
     }
 
-    /// Declares exchanges, queues and bindings: the operator's job (`courier
-    /// topology apply`, run by scripts/setup.sh), not the services', which
-    /// may configure nothing. Safe to call again; fails with
-    /// PRECONDITION_FAILED if an object exists with other arguments.
-    pub async fn declare(&self, channel: &Channel) -> Result<(), lapin::Error> {
-        let durable = ExchangeDeclareOptions {
-            durable: true,
-            ..ExchangeDeclareOptions::default()
-        };
-        channel
-            .exchange_declare(
-                self.unrouted_exchange.as_str().into(),
-                ExchangeKind::Fanout,
-                durable,
-                FieldTable::default(),
-            )
-            .await?;
-        declare_queue(channel, &self.unrouted_exchange, quorum_args()).await?;
-        bind(
-            channel,
+    /// Every exchange, queue, binding and policy this topology needs, as
+    /// data: what `declare` and the policies apply and what `courier
+    /// topology check` compares the live broker with.
+    pub fn plan(&self) -> TopologyPlan {
+        let mut plan = TopologyPlan::default();
+        plan.exchange(&self.unrouted_exchange, "fanout", Arguments::new());
+        plan.queue(
             &self.unrouted_exchange,
-            &self.unrouted_exchange,
-            "",
-        )
-        .await?;
-
-        let mut exchange_args = FieldTable::default();
-        exchange_args.insert(
-            "alternate-exchange".into(),
-            long_string(&self.unrouted_exchange),
+            "events no queue was bound for (the alternate exchange's queue)",
+            plan::parking(),
         );
-        channel
-            .exchange_declare(
-                self.events_exchange.as_str().into(),
-                ExchangeKind::Topic,
-                durable,
-                exchange_args,
-            )
-            .await?;
-
+        plan.bind(&self.unrouted_exchange, &self.unrouted_exchange, "");
+        plan.exchange(
+            &self.events_exchange,
+            "topic",
+            Arguments::from([(
+                "alternate-exchange".to_owned(),
+                Value::from(self.unrouted_exchange.as_str()),
+            )]),
+        );
         for worker in &self.workers {
-            channel
-                .exchange_declare(
-                    worker.failures_exchange().as_str().into(),
-                    ExchangeKind::Direct,
-                    durable,
-                    FieldTable::default(),
-                )
-                .await?;
-            declare_queue(channel, &worker.dead(), quorum_args()).await?;
-            bind(
-                channel,
-                &worker.dead(),
-                &worker.failures_exchange(),
-                &worker.dead(),
-            )
-            .await?;
+            let failures = worker.failures_exchange();
+            plan.exchange(&failures, "direct", Arguments::new());
+            let dead = worker.dead();
+            plan.queue(
+                &dead,
+                &format!("{}'s dead letters, with why (courier dlq)", worker.name),
+                plan::parking(),
+            );
+            plan.bind(&failures, &dead, &dead);
             for (tier, delay) in worker.retry_delays.iter().enumerate() {
                 let Some(name) = worker.retry(tier) else {
                     continue;
                 };
-                let mut args = dead_lettering_args(worker.work());
-                args.insert(
-                    "x-message-ttl".into(),
-                    AMQPValue::LongLongInt(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
+                let mut policy = plan::dead_lettering(worker.work());
+                policy.insert(
+                    "message-ttl".to_owned(),
+                    Value::from(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX)),
                 );
-                declare_queue(channel, &name, args).await?;
-                bind(channel, &name, &worker.failures_exchange(), &name).await?;
+                plan.queue(
+                    &name,
+                    &format!(
+                        "{}'s delay tier {}: back to {} after {}",
+                        worker.name,
+                        tier + 1,
+                        worker.work(),
+                        humantime::format_duration(*delay)
+                    ),
+                    policy,
+                );
+                plan.bind(&failures, &name, &name);
             }
-            let mut args = dead_lettering_args(&worker.dead());
-            args.insert(
-                "x-delivery-limit".into(),
-                AMQPValue::LongLongInt(i64::from(self.delivery_limit)),
+            let mut policy = plan::dead_lettering(&dead);
+            policy.insert(
+                "delivery-limit".to_owned(),
+                Value::from(self.delivery_limit),
             );
             if let Some(max) = self.work_queue_max_length {
-                args.insert(
-                    "x-max-length".into(),
-                    AMQPValue::LongLongInt(i64::from(max)),
-                );
+                policy.insert("max-length".to_owned(), Value::from(max));
             }
-            declare_queue(channel, worker.work(), args).await?;
+            plan.queue(
+                worker.work(),
+                &format!("{}'s work queue", worker.name),
+                policy,
+            );
             for key in &worker.routing_keys {
-                bind(channel, worker.work(), &self.events_exchange, key).await?;
+                plan.bind(&self.events_exchange, worker.work(), key);
             }
         }
-        Ok(())
+        plan
+    }
+
+    /// Declares exchanges, queues and bindings over AMQP: the operator's job
+    /// (`courier topology apply`, run by scripts/setup.sh), not the services',
+    /// which may configure nothing. The queues' changeable settings are their
+    /// policies, which [`crate::amqp::provision::declare_topology`] applies
+    /// too. Safe to call again; fails with PRECONDITION_FAILED if a queue
+    /// exists with other arguments (the migration there handles that).
+    pub async fn declare(&self, channel: &Channel) -> Result<(), lapin::Error> {
+        self.plan().declare(channel, &HashSet::new()).await
     }
 }
 
@@ -224,66 +224,6 @@ async fn passive_exchange(channel: &Channel, name: &str) -> Result<(), lapin::Er
                 passive: true,
                 ..ExchangeDeclareOptions::default()
             },
-            FieldTable::default(),
-        )
-        .await
-}
-
-fn long_string(value: &str) -> AMQPValue {
-    AMQPValue::LongString(LongString::from(value.to_owned()))
-}
-
-fn quorum_args() -> FieldTable {
-    let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), long_string("quorum"));
-    args
-}
-
-/// Quorum queue that dead-letters to `target` through the default exchange.
-/// `at-least-once` keeps a dead letter until the target confirmed it; it
-/// requires `reject-publish` overflow.
-fn dead_lettering_args(target: &str) -> FieldTable {
-    let mut args = quorum_args();
-    args.insert("x-dead-letter-exchange".into(), long_string(""));
-    args.insert("x-dead-letter-routing-key".into(), long_string(target));
-    args.insert(
-        "x-dead-letter-strategy".into(),
-        long_string("at-least-once"),
-    );
-    args.insert("x-overflow".into(), long_string("reject-publish"));
-    args
-}
-
-async fn declare_queue(
-    channel: &Channel,
-    name: &str,
-    args: FieldTable,
-) -> Result<(), lapin::Error> {
-    channel
-        .queue_declare(
-            ShortString::from(name),
-            QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
-            },
-            args,
-        )
-        .await?;
-    Ok(())
-}
-
-async fn bind(
-    channel: &Channel,
-    queue: &str,
-    exchange: &str,
-    key: &str,
-) -> Result<(), lapin::Error> {
-    channel
-        .queue_bind(
-            queue.into(),
-            exchange.into(),
-            key.into(),
-            QueueBindOptions::default(),
             FieldTable::default(),
         )
         .await

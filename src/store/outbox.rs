@@ -146,7 +146,10 @@ pub async fn pending_summary(
 ) -> Result<(i64, Option<DateTime<Utc>>), StoreError> {
     outbox::table
         .filter(outbox::published_at.is_null())
-        .select((diesel::dsl::count_star(), diesel::dsl::min(outbox::occurred_at)))
+        .select((
+            diesel::dsl::count_star(),
+            diesel::dsl::min(outbox::occurred_at),
+        ))
         .get_result(conn)
         .await
         .map_err(StoreError::classify)

@@ -175,10 +175,10 @@ impl TestEnv {
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         let topology = Topology::from_settings(&settings.topology);
-        topology
-            .declare(&channel)
+        // Exchanges, queues, bindings and each queue's policy, as the operator would.
+        courier::amqp::provision::declare_topology(&settings.amqp, &topology)
             .await
-            .unwrap_or_else(|e| panic!("cannot declare topology: {e}"));
+            .unwrap_or_else(|e| panic!("cannot declare topology: {e:#}"));
         Self {
             settings,
             db,
