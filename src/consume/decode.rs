@@ -4,7 +4,7 @@ use lapin::BasicProperties;
 use uuid::Uuid;
 
 use crate::{
-    amqp::envelope::{self, CONTENT_TYPE_JSON, headers},
+    amqp::envelope::{self, CONTENT_TYPE_JSON},
     domain::IncomingEvent,
 };
 
@@ -13,7 +13,9 @@ use crate::{
 pub struct Decoded {
     pub message_id: Uuid,
     pub event: IncomingEvent,
-    /// How many times this message failed before (our `x-attempt` header).
+    /// How many times this message failed before: our `x-attempt` header when
+    /// it came back from a delay tier, 0 when an operator moved it back from
+    /// the dead-letter queue ([`envelope::previous_failures`]).
     pub previous_failures: i64,
 }
 
@@ -51,9 +53,7 @@ pub fn decode(
         return Err("missing message type".to_owned());
     };
     let event = IncomingEvent::decode(event_type.as_str(), body).map_err(|e| e.to_string())?;
-    let previous_failures = envelope::header_int(properties, headers::ATTEMPT)
-        .unwrap_or(0)
-        .max(0);
+    let previous_failures = envelope::previous_failures(properties);
     Ok(Decoded {
         message_id,
         event,
