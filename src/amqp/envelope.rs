@@ -197,6 +197,26 @@ pub fn header_int(properties: &BasicProperties, key: &str) -> Option<i64> {
     }
 }
 
+/// The ids every log line about a message carries: its event id (message
+/// id) and its order (`x-aggregate-id`), `-` where the message lacks one.
+pub struct LogIds {
+    pub event_id: String,
+    pub order_id: String,
+}
+
+impl LogIds {
+    pub fn of(properties: &BasicProperties) -> Self {
+        Self {
+            event_id: properties
+                .message_id()
+                .as_ref()
+                .map_or_else(|| "-".to_owned(), ToString::to_string),
+            order_id: header_text(properties, headers::AGGREGATE_ID)
+                .unwrap_or_else(|| "-".to_owned()),
+        }
+    }
+}
+
 /// Headers courier's failure copies add; a replay drops them, so the
 /// replayed message starts with a fresh attempt count.
 pub const FAILURE_HEADERS: [&str; 7] = [

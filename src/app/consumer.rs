@@ -44,7 +44,7 @@ impl Spawner<'_> {
 }
 
 /// Runs every worker named in `consumer.workers` until `shutdown`, and serves
-/// `GET /stats` and `GET /healthz` on `stats_listener`. If the broker refuses
+/// `GET /stats`, `/metrics`, `/healthz` and `/readyz` on `stats_listener`. If the broker refuses
 /// the consumer's user, every worker stops and this returns a [`ConfigError`].
 pub async fn run_until_stopped(
     settings: Settings,
@@ -118,7 +118,12 @@ pub async fn run_until_stopped(
                 async move { Json(stats.snapshot()) }
             }),
         )
-        .route("/healthz", get(|| async { "ok" }));
+        .route("/healthz", get(|| async { "ok" }))
+        .merge(crate::observe::consumer_routes(
+            stats.clone(),
+            broker.clone(),
+            db.clone(),
+        ));
     let stats_shutdown = shutdown.clone();
     let http_settings = settings.http.clone();
     let server = tokio::spawn(async move {

@@ -23,7 +23,6 @@ where
     Run: FnOnce(Settings, TcpListener) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
-    crate::telemetry::init(name);
     let settings = match Settings::load() {
         Ok(settings) => settings,
         Err(error) => {
@@ -31,6 +30,7 @@ where
             return ExitCode::from(2);
         }
     };
+    crate::telemetry::init(name, settings.log.format);
     let addr = listen(&settings);
     let result = match TcpListener::bind(addr).await {
         Ok(listener) => run(settings, listener).await,

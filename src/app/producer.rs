@@ -7,7 +7,7 @@ use tokio::net::TcpListener;
 use crate::{
     amqp::{Topology, broker_pool},
     config::{ConfigError, Settings},
-    http,
+    http, observe,
     outbox::{Relay, RelayError},
     shutdown::Shutdown,
     store,
@@ -36,11 +36,12 @@ pub async fn run_until_stopped(
     let broker = broker_pool(&settings.amqp, &settings.amqp.producer, APP_ID)?;
     let relay = Arc::new(Relay::new(
         db.clone(),
-        broker,
+        broker.clone(),
         Topology::from_settings(&settings.topology),
         settings.relay.clone(),
         APP_ID,
     ));
+    let relay_stats = relay.stats();
     let relay_run = relay.run(settings.database.url(), shutdown.clone());
     let relay_task = tokio::spawn(async move {
         let result = relay_run.await;
@@ -52,7 +53,8 @@ pub async fn run_until_stopped(
 
     tracing::info!(listen = %listener.local_addr()?, broker = %settings.amqp.display_addr_as(&settings.amqp.producer), "order service up");
     let api_shutdown = shutdown.clone();
-    http::serve(listener, http::router(db), &settings.http, async move {
+    let routes = http::router(db.clone()).merge(observe::producer_routes(relay_stats, broker, db));
+    http::serve(listener, routes, &settings.http, async move {
         api_shutdown.wait().await;
     })
     .await?;

@@ -32,7 +32,7 @@ use super::{
 use crate::{
     amqp::{
         BrokerPool, ConfirmedPublisher, Topology, WorkerQueues, access_refused,
-        envelope::{self, ErrorKind, FailureStamp},
+        envelope::{self, ErrorKind, FailureStamp, LogIds},
     },
     config::ConsumerSettings,
     faults::{CrashPoint, crash_on_message, crash_point},
@@ -156,6 +156,7 @@ impl<H: Handler> Worker<H> {
                     }
                     let delay = reconnect_delay(failures);
                     failures = failures.saturating_add(1);
+                    WorkerStats::bump(&self.stats.reconnects);
                     tracing::warn!(worker, %error, retry_in = ?delay, "consumer session ended; reconnecting");
                     shutdown.sleep(delay).await;
                     continue;
@@ -324,6 +325,7 @@ async fn close(channel: &Channel) {
 
 impl<H: Handler> Shared<H> {
     async fn process_batch(&self, deliveries: Vec<Delivery>) {
+        self.stats.count_received(deliveries.len());
         let settles = self.outcomes(&deliveries).await;
         join_all(
             deliveries
@@ -351,15 +353,17 @@ impl<H: Handler> Shared<H> {
         };
         if let Err(error) = result {
             // The channel is gone; the broker redelivers, the inbox absorbs it.
-            tracing::warn!(worker = self.queues.work(), %error, "could not settle a delivery");
+            let ids = LogIds::of(&delivery.properties);
+            tracing::warn!(consumer = self.handler.name(), event_id = %ids.event_id, order_id = %ids.order_id, %error, "could not settle a delivery");
         }
     }
 
     /// Counted, and logged: the failure tests read this line as proof that a
     /// committed delivery came back.
-    fn absorbed_duplicate(&self, message_id: uuid::Uuid) {
+    fn absorbed_duplicate(&self, delivery: &Delivery) {
         WorkerStats::bump(&self.stats.duplicates);
-        tracing::info!(worker = self.queues.work(), %message_id, "duplicate delivery absorbed");
+        let ids = LogIds::of(&delivery.properties);
+        tracing::info!(consumer = self.handler.name(), event_id = %ids.event_id, order_id = %ids.order_id, "duplicate delivery absorbed");
     }
 
     /// One settle per delivery, in order. Undecodable deliveries are failed
@@ -375,7 +379,8 @@ impl<H: Handler> Shared<H> {
                 Ok(ok) => {
                     crash_on_message(Some(ok.message_id));
                     if delivery.redelivered {
-                        tracing::info!(worker = self.queues.work(), message_id = %ok.message_id, "redelivered delivery");
+                        let ids = LogIds::of(&delivery.properties);
+                        tracing::info!(consumer = self.handler.name(), event_id = %ids.event_id, order_id = %ids.order_id, "redelivered delivery");
                     }
                     decoded.push((i, ok));
                 }
@@ -445,7 +450,7 @@ impl<H: Handler> Shared<H> {
         let mut fresh = Vec::with_capacity(round.len());
         for (i, d) in round {
             if seen.contains(&d.message_id) {
-                self.absorbed_duplicate(d.message_id);
+                self.absorbed_duplicate(&deliveries[*i]);
                 settled.push((*i, Settle::Ack));
             } else {
                 crash_point(CrashPoint::BeforeEffect);
@@ -463,7 +468,9 @@ impl<H: Handler> Shared<H> {
             })
             .collect();
         self.stats.count_batch(work.len());
+        let started = std::time::Instant::now();
         let outcomes = self.handler.handle_batch(&work, self.handler_timeout).await;
+        self.stats.observe_handler(started.elapsed(), work.len());
         if fresh.len() > 1 && outcomes.iter().any(|o| matches!(o, Ok(Handled::Done))) {
             crash_point(CrashPoint::AfterBatchCommit);
         }
@@ -493,11 +500,12 @@ impl<H: Handler> Shared<H> {
                 Settle::Ack
             }
             Ok(Handled::AlreadyProcessed) => {
-                self.absorbed_duplicate(decoded.message_id);
+                self.absorbed_duplicate(delivery);
                 Settle::Ack
             }
             Err(HandlerError::Unavailable(error)) => {
-                tracing::warn!(worker = self.queues.work(), %error, "database unavailable; handing the delivery back");
+                let ids = LogIds::of(&delivery.properties);
+                tracing::warn!(consumer = self.handler.name(), event_id = %ids.event_id, order_id = %ids.order_id, %error, "database unavailable; handing the delivery back");
                 Settle::DatabaseDown
             }
             Err(HandlerError::Transient(error)) => {
@@ -530,6 +538,7 @@ impl<H: Handler> Shared<H> {
         kind: ErrorKind,
         error: &str,
     ) -> Settle {
+        let ids = LogIds::of(&delivery.properties);
         let decision = decide(previous, kind, self.queues.retry_delays.len());
         let (target, attempt) = match decision {
             Decision::Retry { tier, attempt } => match self.queues.retry(tier) {
@@ -562,7 +571,7 @@ impl<H: Handler> Shared<H> {
             )
             .await
         {
-            tracing::warn!(worker = self.queues.work(), queue = %target, %publish_error, "failure copy not confirmed; requeueing the original");
+            tracing::warn!(consumer = self.handler.name(), event_id = %ids.event_id, order_id = %ids.order_id, queue = %target, %publish_error, "failure copy not confirmed; requeueing the original");
             if let Some(refused) = access_refused(&publish_error)
                 && let Ok(mut slot) = self.refused.lock()
             {
@@ -574,7 +583,7 @@ impl<H: Handler> Shared<H> {
         match decision {
             Decision::Retry { tier, .. } => {
                 self.stats.count_retry(tier);
-                tracing::info!(worker = self.queues.work(), queue = %target, attempt, %error, "retrying later");
+                tracing::info!(consumer = self.handler.name(), event_id = %ids.event_id, order_id = %ids.order_id, queue = %target, attempt, %error, "retrying later");
             }
             Decision::DeadLetter {
                 kind, exhausted, ..
@@ -585,7 +594,7 @@ impl<H: Handler> Shared<H> {
                     _ => &self.stats.dead_permanent,
                 };
                 WorkerStats::bump(counter);
-                tracing::warn!(worker = self.queues.work(), queue = %target, kind = kind.as_str(), attempt, %error, "dead-lettered");
+                tracing::warn!(consumer = self.handler.name(), event_id = %ids.event_id, order_id = %ids.order_id, queue = %target, kind = kind.as_str(), attempt, %error, "dead-lettered");
             }
         }
         Settle::Ack

@@ -2,5 +2,7 @@
 
 pub mod backoff;
 pub mod relay;
+pub mod stats;
 
 pub use relay::{Relay, RelayError, RelayOutcome};
+pub use stats::RelayStats;

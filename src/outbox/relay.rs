@@ -23,6 +23,8 @@ use crate::{
     store::{self, DbPool, StoreError, outbox},
 };
 
+use super::RelayStats;
+
 /// What one relay step did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RelayOutcome {
@@ -56,6 +58,7 @@ pub struct Relay {
     settings: RelaySettings,
     app_id: String,
     publisher: Mutex<Option<ConfirmedPublisher>>,
+    stats: Arc<RelayStats>,
 }
 
 impl Relay {
@@ -73,7 +76,13 @@ impl Relay {
             settings,
             app_id: app_id.to_owned(),
             publisher: Mutex::new(None),
+            stats: Arc::default(),
         }
+    }
+
+    /// What this relay did so far, for `/metrics`.
+    pub fn stats(&self) -> Arc<RelayStats> {
+        self.stats.clone()
     }
 
     /// The open publisher, or a new one on a fresh connection. The events
@@ -103,6 +112,7 @@ impl Relay {
                 ))
             })?;
         tracing::info!("relay publisher channel open");
+        self.stats.count_channel_open();
         *slot = Some(publisher.clone());
         Ok(publisher)
     }
@@ -148,6 +158,7 @@ impl Relay {
                 }
             }
         }
+        self.stats.count_published(sent.len());
         crash_point(CrashPoint::AfterPublishBeforeConfirm);
         let timeout = self.settings.confirm_timeout;
         let (rows_sent, pendings): (Vec<_>, Vec<_>) = sent.into_iter().unzip();
@@ -166,6 +177,7 @@ impl Relay {
         let mut published = Vec::new();
         let mut channel_broken = !failures.is_empty();
         for (row, result) in rows_sent.into_iter().zip(results) {
+            self.stats.record(&result);
             match result {
                 Ok(()) => published.push(row.id),
                 Err(error) => {
@@ -196,6 +208,7 @@ impl Relay {
             tracing::warn!(
                 outbox_id = row.id,
                 event_id = %row.event_id,
+                order_id = %row.aggregate_id,
                 attempts = row.attempts + 1,
                 retry_in = ?delay,
                 %error,
