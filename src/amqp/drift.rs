@@ -99,7 +99,7 @@ impl std::fmt::Display for Drift {
                 policy,
             } => write!(
                 f,
-                "queue `{queue}`: legacy argument {argument} = {value} (now set by policy `{policy}`; `courier topology apply` re-declares the queue once it is empty)"
+                "queue `{queue}`: legacy argument {argument} = {value} (now set by policy `{policy}`; `courier topology apply` declares the queue again once it is drained and idle)"
             ),
             Self::UnexpectedArgument {
                 queue,

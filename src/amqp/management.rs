@@ -59,7 +59,13 @@ impl Management {
     }
 
     pub async fn delete_user(&self, name: &str) -> anyhow::Result<()> {
-        let url = format!("{}/api/users/{}", self.base_url, percent_encode(name));
+        self.delete(&format!("/users/{}", percent_encode(name)))
+            .await
+    }
+
+    /// DELETE `/api{path}`; a 404 (already gone) is fine.
+    pub async fn delete(&self, path: &str) -> anyhow::Result<()> {
+        let url = format!("{}/api{path}", self.base_url);
         let response = self
             .http
             .delete(&url)

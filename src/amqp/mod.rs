@@ -6,6 +6,7 @@ pub mod connection;
 pub mod drift;
 pub mod envelope;
 pub mod management;
+pub mod migrate;
 pub mod permissions;
 pub mod plan;
 pub mod provision;

@@ -96,6 +96,23 @@ pub struct TopologyPlan {
     pub policies: Vec<PolicySpec>,
 }
 
+impl QueueSpec {
+    /// Declares this durable queue with its arguments.
+    pub async fn declare(&self, channel: &Channel) -> Result<(), lapin::Error> {
+        channel
+            .queue_declare(
+                self.name.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                field_table(&self.arguments),
+            )
+            .await
+            .map(drop)
+    }
+}
+
 impl TopologyPlan {
     pub fn exchange(&mut self, name: &str, kind: &'static str, arguments: Arguments) {
         self.exchanges.push(ExchangeSpec {
@@ -166,16 +183,7 @@ impl TopologyPlan {
                 .await?;
         }
         for queue in self.queues.iter().filter(|q| !skip.contains(&q.name)) {
-            channel
-                .queue_declare(
-                    queue.name.as_str().into(),
-                    QueueDeclareOptions {
-                        durable: true,
-                        ..QueueDeclareOptions::default()
-                    },
-                    field_table(&queue.arguments),
-                )
-                .await?;
+            queue.declare(channel).await?;
         }
         for binding in &self.bindings {
             channel

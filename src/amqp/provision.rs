@@ -12,13 +12,14 @@
 use std::collections::HashSet;
 
 use anyhow::Context;
-use lapin::{
-    Connection, ConnectionProperties,
-    options::{QueueDeclareOptions, QueueDeleteOptions},
-    types::FieldTable,
-};
+use lapin::{Connection, ConnectionProperties};
 
-use super::{Topology, management::Management, permissions::Permissions};
+use super::{
+    Topology,
+    management::Management,
+    migrate::{self, Migration},
+    permissions::Permissions,
+};
 use crate::config::AmqpSettings;
 
 /// The operator's tags: the management UI and API, and (policymaker) the
@@ -61,6 +62,8 @@ pub struct ApplyReport {
 pub struct LeftQueue {
     pub queue: String,
     pub messages: u32,
+    /// Why it could not be migrated now.
+    pub reason: String,
     /// The arguments that differ from the plan's, `key = value`.
     pub arguments: Vec<String>,
 }
@@ -69,13 +72,13 @@ impl std::fmt::Display for LeftQueue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "queue `{}` holds {} message(s) and was declared with {}: left as it is (courier never deletes a queue with messages in it). \
-             Drain it (a work queue: let the consumer run; a delay tier: wait for its delay; a dead-letter queue: `courier dlq replay`, \
+            "queue `{}` was declared with {} and was left as it is: {} (courier never deletes a queue with messages in it or one that could still receive some). \
+             Stop the consumer, drain it (a work queue: let the consumer run; a delay tier: wait for its delay; a dead-letter queue: `courier dlq replay`, \
              or the management UI's Move messages into a temporary queue and back afterwards), then run `courier topology apply` again. \
              Until then its policy applies only where an argument does not win.",
             self.queue,
-            self.messages,
-            self.arguments.join(", ")
+            self.arguments.join(", "),
+            self.reason
         )
     }
 }
@@ -85,12 +88,11 @@ impl std::fmt::Display for LeftQueue {
 ///
 /// A queue that exists with other arguments than the plan's (the changeable
 /// settings used to be `x-` arguments, and an argument wins over a policy)
-/// is migrated when it is empty: deleted with `if-empty`, which the broker
-/// refuses atomically if a message arrived meanwhile, and declared again at
-/// once. A queue with messages is never deleted; it is reported in
-/// [`ApplyReport::left`] with what to do, and `courier topology check` keeps
-/// naming its legacy arguments. Events published in the instant a work queue
-/// is re-declared go to the alternate exchange's queue, never nowhere.
+/// is migrated when nothing can be lost doing it ([`migrate`]): it is empty,
+/// unconsumed, and nothing dead-letters into it; what is published meanwhile
+/// waits in a holding queue. Any other such queue is never deleted; it is
+/// reported in [`ApplyReport::left`] with what to do, and `courier topology
+/// check` keeps naming its legacy arguments.
 pub async fn declare_topology(
     amqp: &AmqpSettings,
     topology: &Topology,
@@ -114,41 +116,17 @@ pub async fn declare_topology(
         if found.arguments == spec.arguments {
             continue;
         }
-        let channel = connection.create_channel().await?;
-        let deleted = channel
-            .queue_delete(
-                spec.name.as_str().into(),
-                QueueDeleteOptions {
-                    if_empty: true,
-                    ..QueueDeleteOptions::default()
-                },
-            )
-            .await;
-        match deleted {
-            Ok(_) => {
-                tracing::info!(queue = %spec.name, "empty queue with legacy arguments deleted; declaring it again");
+        match migrate::migrate(&connection, &plan, &spec.name).await? {
+            Migration::Migrated => {
+                tracing::info!(queue = %spec.name, "queue with legacy arguments declared again with the plan's");
                 report.migrated.push(spec.name.clone());
             }
-            Err(error) => {
-                // The refusal closed that channel; count on a fresh one.
-                let channel = connection.create_channel().await?;
-                let messages = channel
-                    .queue_declare(
-                        spec.name.as_str().into(),
-                        QueueDeclareOptions {
-                            passive: true,
-                            ..QueueDeclareOptions::default()
-                        },
-                        FieldTable::default(),
-                    )
-                    .await
-                    .map(|q| q.message_count())
-                    .with_context(|| format!("queue `{}` refused deletion ({error})", spec.name))?;
-                let _ = channel.close(200, "counted".into()).await;
+            Migration::Left { messages, reason } => {
                 skip.insert(spec.name.clone());
                 report.left.push(LeftQueue {
                     queue: spec.name.clone(),
                     messages,
+                    reason,
                     arguments: found
                         .arguments
                         .iter()

@@ -9,13 +9,13 @@ use crate::{
     store::outbox::OutboxStatus,
 };
 
-/// A borderless table with a header row, wrapped to `width` columns.
+/// A borderless table with a header row. Cells never wrap (ids stay whole
+/// and greppable); long texts are cut to one line by [`cut`] instead.
 fn table(header: &[&str]) -> Table {
     let mut table = Table::new();
     table
         .load_style(NOTHING)
-        .set_content_arrangement(ContentArrangement::Dynamic)
-        .set_width(160)
+        .set_content_arrangement(ContentArrangement::Disabled)
         .set_header(header.to_vec());
     table
 }

@@ -10,6 +10,7 @@ mod faults;
 mod helpers;
 mod http;
 mod money;
+mod operate;
 mod orders;
 mod privilege;
 mod relay;
