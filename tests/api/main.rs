@@ -10,6 +10,7 @@ mod faults;
 mod helpers;
 mod http;
 mod money;
+mod observe;
 mod operate;
 mod orders;
 mod privilege;
