@@ -783,3 +783,48 @@ async fn a_policy_change_takes_effect_on_a_running_pipeline() -> anyhow::Result<
     );
     Ok(())
 }
+
+#[test]
+fn the_shipped_definitions_hold_exactly_the_policies_courier_topology_apply_sets()
+-> anyhow::Result<()> {
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config");
+    let settings = courier::config::Settings::from_figment(
+        courier::config::Settings::figment_with_secrets(&dir, "none", []),
+    )?;
+    let plan = courier::amqp::Topology::from_settings(&settings.topology).plan();
+    let definitions: Value = serde_json::from_str(&std::fs::read_to_string(
+        dir.join("rabbitmq-definitions.json"),
+    )?)?;
+    let shipped = definitions["policies"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(shipped.len(), plan.policies.len(), "{shipped:?}");
+    for policy in &plan.policies {
+        let found = shipped
+            .iter()
+            .find(|p| p["name"] == policy.name.as_str())
+            .ok_or_else(|| anyhow::anyhow!("{} is not in the definitions", policy.name))?;
+        assert_eq!(found["vhost"], settings.amqp.vhost.as_str());
+        assert_eq!(found["pattern"], policy.pattern.as_str());
+        assert_eq!(found["apply-to"], policy.apply_to);
+        assert_eq!(found["priority"], policy.priority);
+        assert_eq!(
+            found["definition"],
+            serde_json::to_value(&policy.definition)?,
+            "{}",
+            policy.name
+        );
+    }
+    let operator = definitions["users"]
+        .as_array()
+        .and_then(|users| {
+            users
+                .iter()
+                .find(|u| u["name"] == settings.amqp.operator.user.as_str())
+        })
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(operator["tags"], provision::OPERATOR_TAGS);
+    Ok(())
+}
