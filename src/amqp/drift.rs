@@ -391,26 +391,14 @@ fn map_differences(
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
     use crate::amqp::{
-        Topology, WorkerQueues,
+        Topology,
         management::{LiveBinding, LiveExchange, LiveQueue},
     };
 
     fn topology() -> Topology {
-        Topology {
-            events_exchange: "orders.events".into(),
-            unrouted_exchange: "orders.unrouted".into(),
-            delivery_limit: 10,
-            work_queue_max_length: None,
-            workers: vec![WorkerQueues {
-                name: "refunds".into(),
-                routing_keys: vec!["order.canceled"],
-                retry_delays: vec![Duration::from_secs(1)],
-            }],
-        }
+        crate::amqp::topology::example(&["refunds"], 1)
     }
 
     /// The live state a faithful `apply` leaves behind.

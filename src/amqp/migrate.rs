@@ -32,6 +32,7 @@ use lapin::{
 use super::{
     ConfirmedPublisher,
     plan::{BindingSpec, TopologyPlan},
+    topology::passive_queue,
 };
 
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
@@ -130,15 +131,7 @@ fn feeders(plan: &TopologyPlan, queue: &str) -> Vec<String> {
 }
 
 async fn count(channel: &Channel, queue: &str) -> anyhow::Result<(u32, u32)> {
-    let declared = channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
+    let declared = passive_queue(channel, queue)
         .await
         .with_context(|| format!("counting `{queue}`"))?;
     Ok((declared.message_count(), declared.consumer_count()))
@@ -225,28 +218,14 @@ async fn drain_holding(
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
-    use crate::amqp::{Topology, WorkerQueues};
 
     #[test]
     fn a_queue_is_fed_by_the_queues_that_dead_letter_into_it() {
-        let topology = Topology {
-            events_exchange: "orders.events".into(),
-            unrouted_exchange: "orders.unrouted".into(),
-            delivery_limit: 10,
-            work_queue_max_length: None,
-            workers: vec![WorkerQueues {
-                name: "refunds".into(),
-                routing_keys: vec!["order.canceled"],
-                retry_delays: vec![Duration::from_secs(1), Duration::from_secs(3)],
-            }],
-        };
-        let plan = topology.plan();
+        let plan = crate::amqp::topology::example(&["refunds"], 2).plan();
         assert_eq!(
             feeders(&plan, "refunds"),
-            vec!["refunds.retry.1s", "refunds.retry.3s"]
+            vec!["refunds.retry.1s", "refunds.retry.2s"]
         );
         assert_eq!(feeders(&plan, "refunds.dead"), vec!["refunds"]);
         assert!(feeders(&plan, "refunds.retry.1s").is_empty());

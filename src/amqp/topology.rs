@@ -119,16 +119,7 @@ impl Topology {
         worker: &WorkerQueues,
     ) -> Result<(), lapin::Error> {
         passive_exchange(channel, &worker.failures_exchange()).await?;
-        channel
-            .queue_declare(
-                worker.work().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
+        passive_queue(channel, worker.work()).await?;
         Ok(())
     }
 
@@ -215,6 +206,22 @@ impl Topology {
     }
 }
 
+/// A queue's ready messages and consumers, without changing anything (a
+/// passive declare: exact, unlike the management API's lagging statistics;
+/// 404 NOT_FOUND if it does not exist).
+pub async fn passive_queue(channel: &Channel, name: &str) -> Result<lapin::Queue, lapin::Error> {
+    channel
+        .queue_declare(
+            name.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+}
+
 async fn passive_exchange(channel: &Channel, name: &str) -> Result<(), lapin::Error> {
     channel
         .exchange_declare(
@@ -227,6 +234,25 @@ async fn passive_exchange(channel: &Channel, name: &str) -> Result<(), lapin::Er
             FieldTable::default(),
         )
         .await
+}
+
+/// A topology for unit tests: `workers` with one-second tiers for `tiers`.
+#[cfg(test)]
+pub(crate) fn example(workers: &[&str], tiers: usize) -> Topology {
+    Topology {
+        events_exchange: "orders.events".into(),
+        unrouted_exchange: "orders.unrouted".into(),
+        delivery_limit: 10,
+        work_queue_max_length: None,
+        workers: workers
+            .iter()
+            .map(|name| WorkerQueues {
+                name: (*name).to_owned(),
+                routing_keys: vec!["order.canceled"],
+                retry_delays: (1..=tiers).map(|i| Duration::from_secs(i as u64)).collect(),
+            })
+            .collect(),
+    }
 }
 
 #[cfg(test)]

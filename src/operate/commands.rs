@@ -146,10 +146,8 @@ pub async fn dlq_replay(
     let outcomes = dlq.replay(&worker, selection, dry_run).await;
     dlq.close().await;
     let outcomes = outcomes?;
-    if json {
-        print_json(&outcomes)?;
-    } else {
-        println!("{}", render::outcomes(&outcomes));
+    print_outcomes(&outcomes, json)?;
+    if !json {
         if dry_run {
             println!("dry run: nothing was replayed");
         } else if !outcomes.is_empty() {
@@ -194,13 +192,17 @@ pub async fn dlq_purge(
     }
     let outcomes = dlq.purge(&worker, selection).await;
     dlq.close().await;
-    let outcomes = outcomes?;
-    if json {
-        print_json(&outcomes)?;
-    } else {
-        println!("{}", render::outcomes(&outcomes));
-    }
+    print_outcomes(&outcomes?, json)?;
     Ok(true)
+}
+
+fn print_outcomes(outcomes: &[super::dlq::Outcome], json: bool) -> anyhow::Result<()> {
+    if json {
+        print_json(&outcomes)
+    } else {
+        println!("{}", render::outcomes(outcomes));
+        Ok(())
+    }
 }
 
 /// `courier outbox status`.

@@ -233,11 +233,7 @@ impl Dlq {
         let publisher = ConfirmedPublisher::open(&self.connection).await?;
         let mut outcomes = Vec::new();
         let result = async {
-            for message in &held.messages {
-                let letter = DeadLetterView::of(&held.queue, &message.delivery.properties);
-                if !selection.takes(&letter) {
-                    continue;
-                }
+            for (message, letter) in held.selected(selection) {
                 let note = self.already_done(worker, &letter).await?;
                 if dry_run {
                     outcomes.push(Outcome {
@@ -302,11 +298,7 @@ impl Dlq {
         let held = Held::take(&self.connection, &worker.dead()).await?;
         let mut outcomes = Vec::new();
         let result = async {
-            for message in &held.messages {
-                let letter = DeadLetterView::of(&held.queue, &message.delivery.properties);
-                if !selection.takes(&letter) {
-                    continue;
-                }
+            for (message, letter) in held.selected(selection) {
                 let audit_id = self
                     .audit(Action::Purge, &held.queue, None, &letter, "purged", message)
                     .await?;
@@ -429,6 +421,17 @@ impl Held {
             channel,
             messages,
             acked: std::sync::Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The held messages `selection` takes, each with its view.
+    fn selected<'a>(
+        &'a self,
+        selection: &'a Selection,
+    ) -> impl Iterator<Item = (&'a BasicGetMessage, DeadLetterView)> + 'a {
+        self.messages.iter().filter_map(move |message| {
+            let letter = DeadLetterView::of(&self.queue, &message.delivery.properties);
+            selection.takes(&letter).then_some((message, letter))
         })
     }
 

@@ -3,10 +3,13 @@
 //! operator (the management API's counts lag by seconds).
 
 use anyhow::Context;
-use lapin::{Connection, ConnectionProperties, options::QueueDeclareOptions, types::FieldTable};
+use lapin::{Connection, ConnectionProperties};
 use serde::Serialize;
 
-use crate::{amqp::Topology, config::AmqpSettings};
+use crate::{
+    amqp::{Topology, topology::passive_queue},
+    config::AmqpSettings,
+};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct WorkerCounts {
@@ -35,15 +38,7 @@ pub async fn worker_counts(
     .with_context(|| format!("cannot connect to {who}"))?;
     let channel = connection.create_channel().await?;
     let count = async |queue: &str| -> anyhow::Result<u32> {
-        Ok(channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
+        Ok(passive_queue(&channel, queue)
             .await
             .with_context(|| format!("queue `{queue}` (run `courier topology apply`)"))?
             .message_count())

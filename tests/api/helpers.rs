@@ -508,6 +508,16 @@ pub async fn free_port() -> String {
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// Properties of a well-formed `order.canceled` message under a new message
+/// id, whatever its body: for poison and forged messages.
+pub fn json_properties() -> BasicProperties {
+    BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_message_id(Uuid::now_v7().to_string().into())
+        .with_type("order.canceled".into())
+        .with_delivery_mode(2)
+}
+
 pub fn header_text(message: &lapin::message::BasicGetMessage, key: &str) -> Option<String> {
     courier::amqp::envelope::header_text(&message.delivery.properties, key)
 }

@@ -25,7 +25,7 @@ use lapin::{
 use secrecy::ExposeSecret;
 use serde_json::Value;
 
-use crate::helpers::{TestEnv, consumer_stats, wait_until};
+use crate::helpers::{TestEnv, consumer_stats, json_properties, wait_until};
 
 const SETTLE: Duration = Duration::from_secs(30);
 
@@ -111,14 +111,6 @@ async fn audit_rows(
     Ok(dead_letter_actions::for_message(&mut conn, event_id).await?)
 }
 
-fn poison_properties() -> BasicProperties {
-    BasicProperties::default()
-        .with_content_type("application/json".into())
-        .with_message_id(uuid::Uuid::now_v7().to_string().into())
-        .with_type("order.canceled".into())
-        .with_delivery_mode(2)
-}
-
 #[tokio::test]
 async fn dlq_list_shows_each_dead_letter_with_its_reason_and_leaves_it_there() -> anyhow::Result<()>
 {
@@ -131,7 +123,7 @@ async fn dlq_list_shows_each_dead_letter_with_its_reason_and_leaves_it_there() -
     .await;
     let consumer = env.start_consumer().await;
     let (order_id, event_id) = dead_lettered_refund(&env, "pay-never-list", 0).await?;
-    env.publish_raw("refunds", b"{not json", poison_properties())
+    env.publish_raw("refunds", b"{not json", json_properties())
         .await;
     wait_until("the poison message is dead-lettered", SETTLE, async || {
         env.queue_depth("refunds.dead").await == 2
@@ -322,7 +314,7 @@ async fn event_properties_of(
 async fn purge_asks_first_and_keeps_each_purged_message_in_the_audit() -> anyhow::Result<()> {
     let env = TestEnv::new().await;
     let consumer = env.start_consumer().await;
-    let properties = poison_properties();
+    let properties = json_properties();
     let event_id = properties
         .message_id()
         .as_ref()
@@ -368,7 +360,7 @@ async fn purge_asks_first_and_keeps_each_purged_message_in_the_audit() -> anyhow
         .await;
     assert_eq!(body, 1, "the purged body is kept");
 
-    env.publish_raw("refunds", b"{more poison", poison_properties())
+    env.publish_raw("refunds", b"{more poison", json_properties())
         .await;
     wait_until(
         "the second poison message is dead-lettered",
@@ -523,7 +515,7 @@ async fn topology_apply_migrates_an_empty_legacy_queue_and_never_deletes_one_hol
             FieldTable::default(),
         )
         .await?;
-    let old_letter = poison_properties();
+    let old_letter = json_properties();
     let old_id = old_letter
         .message_id()
         .as_ref()
