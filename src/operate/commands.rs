@@ -228,13 +228,13 @@ pub async fn pipeline_lines(settings: &Settings) -> anyhow::Result<String> {
         let tiers: Vec<String> = c.retrying.iter().map(|(q, n)| format!("{q} {n}")).collect();
         out.push_str(&format!(
             "{:<32}{:>8}  ({})\n",
-            format!("in {}'s delay tiers", c.worker),
+            format!("{} waiting in delay tiers", c.worker),
             c.retrying_total(),
             tiers.join(", ")
         ));
         out.push_str(&format!(
             "{:<32}{:>8}\n",
-            format!("in {}.dead", c.worker),
+            format!("{} in {}.dead", c.worker, c.worker),
             c.dead
         ));
     }

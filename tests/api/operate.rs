@@ -820,3 +820,95 @@ fn the_shipped_definitions_hold_exactly_the_policies_courier_topology_apply_sets
     assert_eq!(operator["tags"], provision::OPERATOR_TAGS);
     Ok(())
 }
+
+#[tokio::test]
+async fn outbox_status_shows_pending_events_their_age_and_last_errors() -> anyhow::Result<()> {
+    let env = TestEnv::new().await;
+    let (_, failing) = env.cancel_new_order("pay-status-1").await;
+    env.cancel_new_order("pay-status-2").await;
+    {
+        // What the relay records when the broker nacks a publish.
+        let mut conn = env.conn().await;
+        let row = courier::store::outbox::find_by_event_id(&mut conn, failing.as_uuid())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("the event is in the outbox"))?;
+        courier::store::outbox::record_failure(
+            &mut conn,
+            row.id,
+            "broker nacked the message (a queue refused it, e.g. full with reject-publish)",
+            chrono::Utc::now() + chrono::Duration::seconds(30),
+        )
+        .await?;
+    }
+    let status = courier(&env, &["outbox", "status", "--json"], "").await?;
+    assert_eq!(status.code, Some(0), "{}", status.stderr);
+    let status = status.json()?;
+    assert_eq!(status["pending"], 2);
+    assert_eq!(status["failing"], 1);
+    assert_eq!(status["published"], 0);
+    assert!(status["oldest_pending_at"].is_string(), "{status}");
+    assert_eq!(
+        status["last_errors"][0]["event_id"],
+        failing.to_string().as_str()
+    );
+    assert!(
+        status["last_errors"][0]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("nacked")),
+        "{status}"
+    );
+    let text = courier(&env, &["outbox", "status"], "").await?;
+    assert!(
+        text.stdout.contains("oldest pending age") && text.stdout.contains("broker nacked"),
+        "{}",
+        text.stdout
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn courier_check_counts_messages_in_delay_tiers_dead_letters_and_pending_events()
+-> anyhow::Result<()> {
+    let env = TestEnv::with(|f| {
+        f.merge(Serialized::default(
+            "gateway_simulator.failing_payment_ids",
+            ["pay-never-check"],
+        ))
+        // A tier long enough to find the retry waiting in it.
+        .merge(Serialized::default("topology.retry_delays", ["1h"]))
+    })
+    .await;
+    let consumer = env.start_consumer().await;
+    dead_lettered_refund(&env, "pay-never-check", 0).await?;
+    env.cancel_new_order("fail-1x-check").await;
+    env.relay().relay_once().await?;
+    wait_until("a refund waits in its delay tier", SETTLE, async || {
+        env.queue_depth("refunds.retry.1h").await == 1
+    })
+    .await;
+    env.cancel_new_order("pay-pending-check").await;
+
+    let checked = courier(&env, &["check"], "").await?;
+    let line = |label: &str| {
+        checked
+            .stdout
+            .lines()
+            .find(|l| l.starts_with(label))
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+    };
+    assert_eq!(
+        line("refunds waiting in delay tiers").as_deref(),
+        Some("refunds waiting in delay tiers 1 (refunds.retry.1h 1)"),
+        "{}",
+        checked.stdout
+    );
+    assert_eq!(
+        line("refunds in refunds.dead").as_deref(),
+        Some("refunds in refunds.dead 1")
+    );
+    assert_eq!(
+        line("events pending (all types)").as_deref(),
+        Some("events pending (all types) 1")
+    );
+    consumer.stop().await
+}
