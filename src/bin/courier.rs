@@ -298,7 +298,8 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
                 SecretString::from(admin.admin_password),
             )?;
             let topology = Topology::from_settings(&settings.topology);
-            provision::provision(&management, &settings.amqp, &topology).await?;
+            let report = provision::provision(&management, &settings.amqp, &topology).await?;
+            print!("{}", courier::operate::render::apply_report(&report));
             println!(
                 "vhost `{}`: users {}, {} and {} ({OPERATOR_TAGS}) granted; topology declared",
                 settings.amqp.vhost,
