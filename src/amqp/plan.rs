@@ -164,6 +164,27 @@ impl TopologyPlan {
         channel: &Channel,
         skip: &HashSet<String>,
     ) -> Result<(), lapin::Error> {
+        self.declare_exchanges(channel).await?;
+        for queue in self.queues.iter().filter(|q| !skip.contains(&q.name)) {
+            queue.declare(channel).await?;
+        }
+        for binding in &self.bindings {
+            channel
+                .queue_bind(
+                    binding.queue.as_str().into(),
+                    binding.exchange.as_str().into(),
+                    binding.routing_key.as_str().into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Declares the exchanges only (a migration binds a holding queue to
+    /// them before the rest is declared).
+    pub async fn declare_exchanges(&self, channel: &Channel) -> Result<(), lapin::Error> {
         for exchange in &self.exchanges {
             let kind = match exchange.kind {
                 "topic" => ExchangeKind::Topic,
@@ -179,20 +200,6 @@ impl TopologyPlan {
                         ..ExchangeDeclareOptions::default()
                     },
                     field_table(&exchange.arguments),
-                )
-                .await?;
-        }
-        for queue in self.queues.iter().filter(|q| !skip.contains(&q.name)) {
-            queue.declare(channel).await?;
-        }
-        for binding in &self.bindings {
-            channel
-                .queue_bind(
-                    binding.queue.as_str().into(),
-                    binding.exchange.as_str().into(),
-                    binding.routing_key.as_str().into(),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
                 )
                 .await?;
         }

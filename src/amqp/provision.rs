@@ -109,6 +109,9 @@ pub async fn declare_topology(
     .with_context(|| format!("cannot connect to {who}"))?;
     let mut report = ApplyReport::default();
     let mut skip = HashSet::new();
+    plan.declare_exchanges(&connection.create_channel().await?)
+        .await
+        .with_context(|| format!("declaring the exchanges as {who}"))?;
     for spec in &plan.queues {
         let Some(found) = live.queues.iter().find(|q| q.name == spec.name) else {
             continue;
