@@ -5,15 +5,17 @@
 import { chromium } from 'playwright-core';
 
 const [url, user, password, vhost, outDir, profile] = process.argv.slice(2);
-const browser = await chromium.launch({
+// A fresh, empty profile directory each run (playwright's persistent context).
+const browser = await chromium.launchPersistentContext(profile, {
   executablePath: '/usr/bin/chromium',
+  headless: true,
+  viewport: { width: 1280, height: 760 },
   args: [
     '--headless', '--no-sandbox', '--disable-gpu', '--no-first-run',
     '--disable-background-networking', '--disable-component-update', '--disable-sync',
-    `--user-data-dir=${profile}`,
   ],
 });
-const page = await browser.newPage({ viewport: { width: 1280, height: 760 } });
+const page = await browser.newPage();
 await page.goto(`${url}/`);
 await page.fill('input[name="username"]', user);
 await page.fill('input[name="password"]', password);
@@ -21,7 +23,8 @@ await page.click('input[type="submit"]');
 await page.waitForSelector('#logout');
 
 const v = encodeURIComponent(vhost);
-await page.goto(`${url}/#/queues/${v}`);
+await page.selectOption('#show-vhost', vhost);
+await page.click('a[href="#/queues"]');
 await page.waitForSelector('table.list tbody tr');
 await page.waitForTimeout(1500);
 await page.screenshot({ path: `${outDir}/queues.png`, fullPage: false });

@@ -20,6 +20,16 @@ fn table(header: &[&str]) -> Table {
     table
 }
 
+/// The table's text, without the padding after each line's last cell.
+fn text(table: &Table) -> String {
+    table
+        .to_string()
+        .lines()
+        .map(str::trim_end)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// One line of at most `max` characters.
 fn cut(text: &str, max: usize) -> String {
     let line = text.replace(['\n', '\r'], " ");
@@ -62,10 +72,10 @@ pub fn dead_letters(letters: &[DeadLetterView]) -> String {
                     .as_deref()
                     .map(|t| t.get(..19).unwrap_or(t)),
             ),
-            cut(l.last_error.as_deref().unwrap_or("-"), 70),
+            cut(l.last_error.as_deref().unwrap_or("-"), 110),
         ]);
     }
-    format!("{t}\n{} dead letter(s)", letters.len())
+    format!("{}\n{} dead letter(s)", text(&t), letters.len())
 }
 
 pub fn outcomes(outcomes: &[Outcome]) -> String {
@@ -84,7 +94,7 @@ pub fn outcomes(outcomes: &[Outcome]) -> String {
                 .map_or_else(|| "-".to_owned(), |id| format!("#{id}")),
         ]);
     }
-    format!("{t}\n{} message(s)", outcomes.len())
+    format!("{}\n{} message(s)", text(&t), outcomes.len())
 }
 
 pub fn outbox(status: &OutboxStatus, now: chrono::DateTime<chrono::Utc>) -> String {
@@ -121,7 +131,7 @@ pub fn outbox(status: &OutboxStatus, now: chrono::DateTime<chrono::Utc>) -> Stri
                 cut(e.last_error.as_deref().unwrap_or("-"), 70),
             ]);
         }
-        out.push_str(&format!("last errors:\n{t}\n"));
+        out.push_str(&format!("last errors:\n{}\n", text(&t)));
     }
     out
 }
