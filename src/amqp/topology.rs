@@ -149,7 +149,7 @@ impl Topology {
             let dead = worker.dead();
             plan.queue(
                 &dead,
-                &format!("{}'s dead letters, with why (courier dlq)", worker.name),
+                &format!("dead letters of {}, with why (courier dlq)", worker.name),
                 plan::parking(),
             );
             plan.bind(&failures, &dead, &dead);
@@ -165,9 +165,9 @@ impl Topology {
                 plan.queue(
                     &name,
                     &format!(
-                        "{}'s delay tier {}: back to {} after {}",
-                        worker.name,
+                        "delay tier {} of {}: back to {} after {}",
                         tier + 1,
+                        worker.name,
                         worker.work(),
                         humantime::format_duration(*delay)
                     ),
@@ -185,7 +185,7 @@ impl Topology {
             }
             plan.queue(
                 worker.work(),
-                &format!("{}'s work queue", worker.name),
+                &format!("work queue of the {} worker", worker.name),
                 policy,
             );
             for key in &worker.routing_keys {

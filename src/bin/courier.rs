@@ -116,6 +116,16 @@ enum TopologyCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Print what `apply` declares, from the configuration alone: each queue,
+    /// what it is for, its policy and bindings.
+    Show {
+        #[arg(long)]
+        json: bool,
+        /// The policies as the `policies` array of a RabbitMQ definitions file
+        /// (to refresh config/rabbitmq-definitions.json).
+        #[arg(long, conflicts_with = "json")]
+        definitions: bool,
+    },
     /// Compare the live broker with what courier declares and name every
     /// difference: missing or unexpected exchanges, queues and bindings,
     /// wrong or legacy arguments, policy drift. Exits 1 when they differ.
@@ -333,6 +343,9 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
         Command::Topology {
             command: TopologyCommand::Check { json },
         } => exit(commands::topology_check(&settings, json).await?),
+        Command::Topology {
+            command: TopologyCommand::Show { json, definitions },
+        } => exit(commands::topology_show(&settings, json, definitions)?),
         Command::Dlq { command } => exit(match command {
             DlqCommand::List { queue, json } => {
                 commands::dlq_list(&settings, queue.as_deref(), json).await?

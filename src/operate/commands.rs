@@ -42,6 +42,36 @@ pub async fn topology_apply(settings: &Settings, json: bool) -> anyhow::Result<b
     Ok(true)
 }
 
+/// `courier topology show`: what `apply` declares, from the configuration
+/// alone (no broker needed). `definitions` prints the policies as the
+/// `policies` array of a RabbitMQ definitions file
+/// (config/rabbitmq-definitions.json).
+pub fn topology_show(settings: &Settings, json: bool, definitions: bool) -> anyhow::Result<bool> {
+    let plan = Topology::from_settings(&settings.topology).plan();
+    if definitions {
+        let policies: Vec<serde_json::Value> = plan
+            .policies
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "vhost": settings.amqp.vhost,
+                    "name": p.name,
+                    "pattern": p.pattern,
+                    "apply-to": p.apply_to,
+                    "priority": p.priority,
+                    "definition": p.definition,
+                })
+            })
+            .collect();
+        print_json(&serde_json::json!({ "policies": policies }))?;
+    } else if json {
+        print_json(&plan)?;
+    } else {
+        print!("{}", render::plan(&plan));
+    }
+    Ok(true)
+}
+
 /// `courier topology check`: false when the broker differs from the plan.
 pub async fn topology_check(settings: &Settings, json: bool) -> anyhow::Result<bool> {
     let plan = Topology::from_settings(&settings.topology).plan();

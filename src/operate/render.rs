@@ -5,7 +5,7 @@ use comfy_table::{ContentArrangement, Table, presets::NOTHING};
 
 use super::dlq::{DeadLetterView, Outcome};
 use crate::{
-    amqp::{drift::Drift, provision::ApplyReport},
+    amqp::{drift::Drift, plan::TopologyPlan, provision::ApplyReport},
     store::outbox::OutboxStatus,
 };
 
@@ -156,6 +156,36 @@ pub fn apply_report(report: &ApplyReport) -> String {
     }
     for left in &report.left {
         out.push_str(&format!("left: {left}\n"));
+    }
+    out
+}
+
+pub fn plan(plan: &TopologyPlan) -> String {
+    let mut t = table(&["QUEUE", "WHAT IT IS FOR", "POLICY", "SETTINGS"]);
+    for queue in &plan.queues {
+        let policy = plan.policy_for(&queue.name);
+        let settings: Vec<String> = policy
+            .map(|p| {
+                p.definition
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        t.add_row(vec![
+            queue.name.clone(),
+            queue.purpose.clone(),
+            policy.map_or_else(|| "-".to_owned(), |p| p.name.clone()),
+            settings.join(" "),
+        ]);
+    }
+    let mut out = format!("{}\n", text(&t));
+    out.push_str("bindings:\n");
+    for b in &plan.bindings {
+        out.push_str(&format!(
+            "  {} -> {} ({})\n",
+            b.exchange, b.queue, b.routing_key
+        ));
     }
     out
 }

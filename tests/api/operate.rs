@@ -791,12 +791,18 @@ fn the_shipped_definitions_hold_exactly_the_policies_courier_topology_apply_sets
         .as_array()
         .cloned()
         .unwrap_or_default();
+    // Refresh with `courier topology show --definitions` when the topology changes.
     assert_eq!(shipped.len(), plan.policies.len(), "{shipped:?}");
     for policy in &plan.policies {
         let found = shipped
             .iter()
             .find(|p| p["name"] == policy.name.as_str())
-            .ok_or_else(|| anyhow::anyhow!("{} is not in the definitions", policy.name))?;
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{} is not in the definitions (`courier topology show --definitions`)",
+                    policy.name
+                )
+            })?;
         assert_eq!(found["vhost"], settings.amqp.vhost.as_str());
         assert_eq!(found["pattern"], policy.pattern.as_str());
         assert_eq!(found["apply-to"], policy.apply_to);
