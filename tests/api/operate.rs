@@ -814,6 +814,21 @@ fn the_shipped_definitions_hold_exactly_the_policies_courier_topology_apply_sets
             policy.name
         );
     }
+    let shown = std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
+        .args(["topology", "show", "--definitions"])
+        .env("COURIER_CONFIG_DIR", &dir)
+        .env("COURIER_ENV", "none")
+        .output()?;
+    assert!(
+        shown.status.success(),
+        "{}",
+        String::from_utf8_lossy(&shown.stderr)
+    );
+    let shown: Value = serde_json::from_slice(&shown.stdout)?;
+    assert_eq!(
+        shown["policies"], definitions["policies"],
+        "what `courier topology show --definitions` prints"
+    );
     let operator = definitions["users"]
         .as_array()
         .and_then(|users| {
