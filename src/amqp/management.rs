@@ -63,13 +63,20 @@ impl Management {
             .await
     }
 
+    /// `method` `/api{path}` as this login; the URL for messages.
+    fn request(&self, method: reqwest::Method, path: &str) -> (String, reqwest::RequestBuilder) {
+        let url = format!("{}/api{path}", self.base_url);
+        let request = self
+            .http
+            .request(method, &url)
+            .basic_auth(&self.user, Some(self.password.expose_secret()));
+        (url, request)
+    }
+
     /// DELETE `/api{path}`; a 404 (already gone) is fine.
     pub async fn delete(&self, path: &str) -> anyhow::Result<()> {
-        let url = format!("{}/api{path}", self.base_url);
-        let response = self
-            .http
-            .delete(&url)
-            .basic_auth(&self.user, Some(self.password.expose_secret()))
+        let (url, request) = self.request(reqwest::Method::DELETE, path);
+        let response = request
             .send()
             .await
             .with_context(|| format!("DELETE {url}"))?;
@@ -127,11 +134,8 @@ impl Management {
 
     /// GET `/api{path}` as JSON.
     pub async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
-        let url = format!("{}/api{path}", self.base_url);
-        let response = self
-            .http
-            .get(&url)
-            .basic_auth(&self.user, Some(self.password.expose_secret()))
+        let (url, request) = self.request(reqwest::Method::GET, path);
+        let response = request
             .send()
             .await
             .with_context(|| format!("GET {url}: is the management plugin enabled?"))?;
@@ -148,11 +152,8 @@ impl Management {
 
     /// PUT `/api{path}` with a JSON body.
     pub async fn put(&self, path: &str, body: serde_json::Value) -> anyhow::Result<()> {
-        let url = format!("{}/api{path}", self.base_url);
-        let response = self
-            .http
-            .put(&url)
-            .basic_auth(&self.user, Some(self.password.expose_secret()))
+        let (url, request) = self.request(reqwest::Method::PUT, path);
+        let response = request
             .json(&body)
             .send()
             .await

@@ -12,7 +12,6 @@
 use std::collections::HashSet;
 
 use anyhow::Context;
-use lapin::{Connection, ConnectionProperties};
 
 use super::{
     Topology,
@@ -101,12 +100,7 @@ pub async fn declare_topology(
     let management = Management::as_operator(amqp)?;
     let plan = topology.plan();
     let live = management.live_topology(&amqp.vhost).await?;
-    let connection = Connection::connect(
-        &amqp.uri_as(&amqp.operator),
-        ConnectionProperties::default().with_connection_name("courier-operator".into()),
-    )
-    .await
-    .with_context(|| format!("cannot connect to {who}"))?;
+    let connection = super::connection::connect_as_operator(amqp, "courier-operator").await?;
     let mut report = ApplyReport::default();
     let mut skip = HashSet::new();
     plan.declare_exchanges(&connection.create_channel().await?)

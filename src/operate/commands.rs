@@ -6,8 +6,6 @@
 
 use std::io::{BufRead, Write};
 
-use anyhow::Context;
-
 use super::{
     dlq::{Dlq, Selection},
     queues, render,
@@ -201,29 +199,26 @@ pub async fn dlq_purge(
 ) -> anyhow::Result<bool> {
     let dlq = dlq(settings).await?;
     let worker = dlq.worker(queue)?.clone();
-    if !yes {
-        let listed = dlq.list(&worker).await?;
-        let doomed = listed.iter().filter(|l| selection.takes(l)).count();
-        eprint!(
-            "purge {doomed} dead letter(s) from `{}`? Each is kept, headers and body, in dead_letter_actions. Type `yes` to purge: ",
-            worker.dead()
-        );
-        std::io::stderr().flush()?;
-        let mut answer = String::new();
-        std::io::stdin()
-            .lock()
-            .read_line(&mut answer)
-            .context("reading the confirmation")?;
-        if answer.trim() != "yes" {
-            dlq.close().await;
-            eprintln!("courier: nothing purged");
-            return Ok(false);
-        }
-    }
-    let outcomes = dlq.purge(&worker, selection).await;
+    let dead = worker.dead();
+    let confirm = |doomed: usize| yes || ask(&dead, doomed);
+    let outcomes = dlq.purge(&worker, selection, confirm).await;
     dlq.close().await;
-    print_outcomes(&outcomes?, json)?;
+    let Some(outcomes) = outcomes? else {
+        eprintln!("courier: nothing purged");
+        return Ok(false);
+    };
+    print_outcomes(&outcomes, json)?;
     Ok(true)
+}
+
+/// Asks on the terminal; true only for `yes`.
+fn ask(queue: &str, doomed: usize) -> bool {
+    eprint!(
+        "purge {doomed} dead letter(s) from `{queue}`? Each is kept, headers and body, in dead_letter_actions. Type `yes` to purge: "
+    );
+    let _ = std::io::stderr().flush();
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer).is_ok() && answer.trim() == "yes"
 }
 
 fn print_outcomes(outcomes: &[super::dlq::Outcome], json: bool) -> anyhow::Result<()> {

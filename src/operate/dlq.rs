@@ -18,7 +18,7 @@ use std::time::Duration;
 use anyhow::Context;
 use chrono::Utc;
 use lapin::{
-    BasicProperties, Channel, Connection, ConnectionProperties,
+    BasicProperties, Channel, Connection,
     message::BasicGetMessage,
     options::{BasicAckOptions, BasicGetOptions, BasicNackOptions},
 };
@@ -28,7 +28,9 @@ use uuid::Uuid;
 use crate::{
     amqp::{
         ConfirmedPublisher, Topology, WorkerQueues,
+        connection::connect_as_operator,
         envelope::{self, headers},
+        topology::passive_queue,
     },
     config::AmqpSettings,
     handlers::refund,
@@ -142,13 +144,7 @@ impl Dlq {
         topology: Topology,
         db: DbPool,
     ) -> anyhow::Result<Self> {
-        let who = amqp.display_addr_as(&amqp.operator);
-        let connection = Connection::connect(
-            &amqp.uri_as(&amqp.operator),
-            ConnectionProperties::default().with_connection_name("courier-dlq".into()),
-        )
-        .await
-        .with_context(|| format!("cannot connect to {who}"))?;
+        let connection = connect_as_operator(amqp, "courier-dlq").await?;
         let person = std::env::var("SUDO_USER")
             .or_else(|_| std::env::var("USER"))
             .unwrap_or_else(|_| "unknown".to_owned());
@@ -290,12 +286,21 @@ impl Dlq {
 
     /// Removes the selected dead letters of `worker`, each recorded first
     /// (headers and body) in `dead_letter_actions`.
+    ///
+    /// `confirm` is asked with how many messages the selection takes, while
+    /// they are held; nothing is purged unless it answers true (then the
+    /// result is `None`).
     pub async fn purge(
         &self,
         worker: &WorkerQueues,
         selection: &Selection,
-    ) -> anyhow::Result<Vec<Outcome>> {
+        confirm: impl FnOnce(usize) -> bool,
+    ) -> anyhow::Result<Option<Vec<Outcome>>> {
         let held = Held::take(&self.connection, &worker.dead()).await?;
+        if !confirm(held.selected(selection).count()) {
+            held.release().await?;
+            return Ok(None);
+        }
         let mut outcomes = Vec::new();
         let result = async {
             for (message, letter) in held.selected(selection) {
@@ -314,7 +319,7 @@ impl Dlq {
         }
         .await;
         held.release().await?;
-        result.map(|()| outcomes)
+        result.map(|()| Some(outcomes))
     }
 
     /// Why replaying this letter changes nothing, if it does not: the
@@ -466,9 +471,26 @@ impl Held {
                     },
                 )
                 .await?;
+            let released = u32::try_from(self.messages.len() - acked.len()).unwrap_or(u32::MAX);
+            self.await_returned(released).await;
         }
         let _ = self.channel.close(200, "released".into()).await;
         Ok(())
+    }
+
+    /// A quorum queue counts what a nack handed back as ready a moment after
+    /// the nack: wait for it (up to 2 s), so that a command run right after
+    /// this one (a replay after a list) sees every message.
+    async fn await_returned(&self, released: u32) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while tokio::time::Instant::now() < deadline {
+            match passive_queue(&self.channel, &self.queue).await {
+                Ok(queue) if queue.message_count() < released => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                _ => return,
+            }
+        }
     }
 }
 

@@ -3,11 +3,10 @@
 //! operator (the management API's counts lag by seconds).
 
 use anyhow::Context;
-use lapin::{Connection, ConnectionProperties};
 use serde::Serialize;
 
 use crate::{
-    amqp::{Topology, topology::passive_queue},
+    amqp::{Topology, connection::connect_as_operator, topology::passive_queue},
     config::AmqpSettings,
 };
 
@@ -29,13 +28,7 @@ pub async fn worker_counts(
     amqp: &AmqpSettings,
     topology: &Topology,
 ) -> anyhow::Result<Vec<WorkerCounts>> {
-    let who = amqp.display_addr_as(&amqp.operator);
-    let connection = Connection::connect(
-        &amqp.uri_as(&amqp.operator),
-        ConnectionProperties::default().with_connection_name("courier-check".into()),
-    )
-    .await
-    .with_context(|| format!("cannot connect to {who}"))?;
+    let connection = connect_as_operator(amqp, "courier-check").await?;
     let channel = connection.create_channel().await?;
     let count = async |queue: &str| -> anyhow::Result<u32> {
         Ok(passive_queue(&channel, queue)

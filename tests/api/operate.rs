@@ -103,6 +103,12 @@ async fn dead_lettered_refund(
     Ok((order_id, event_id.to_string()))
 }
 
+/// Waits until `queue` holds `n` ready messages: what a `basic.get` holder
+/// hands back returns to a quorum queue a moment after the nack.
+async fn holds(env: &TestEnv, queue: &str, n: u32, why: &str) {
+    wait_until(why, SETTLE, async || env.queue_depth(queue).await == n).await;
+}
+
 async fn audit_rows(
     env: &TestEnv,
     event_id: &str,
@@ -161,11 +167,7 @@ async fn dlq_list_shows_each_dead_letter_with_its_reason_and_leaves_it_there() -
         "{}",
         table.stdout
     );
-    assert_eq!(
-        env.queue_depth("refunds.dead").await,
-        2,
-        "listing takes nothing"
-    );
+    holds(&env, "refunds.dead", 2, "listing takes nothing").await;
     consumer.stop().await
 }
 
@@ -202,7 +204,7 @@ async fn dlq_show_prints_the_headers_and_body_of_one_dead_letter() -> anyhow::Re
         "{}",
         missing.stderr
     );
-    assert_eq!(env.queue_depth("refunds.dead").await, 1);
+    holds(&env, "refunds.dead", 1, "showing takes nothing").await;
     consumer.stop().await
 }
 
@@ -226,11 +228,7 @@ async fn replaying_a_dead_letter_after_the_payment_recovered_refunds_it_once_wit
     assert_eq!(would[0]["done"], "would replay", "{would}");
     assert_eq!(would[0]["error_kind"], "transient");
     assert!(would[0]["note"].is_null(), "not refunded yet: {would}");
-    assert_eq!(
-        env.queue_depth("refunds.dead").await,
-        1,
-        "a dry run moves nothing"
-    );
+    holds(&env, "refunds.dead", 1, "a dry run moves nothing").await;
     assert!(audit_rows(&env, &event_id).await?.is_empty());
 
     let replayed = courier(&env, &["dlq", "replay", "refunds", "--id", &event_id], "").await?;
@@ -339,7 +337,7 @@ async fn purge_asks_first_and_keeps_each_purged_message_in_the_audit() -> anyhow
         "{}",
         declined.stderr
     );
-    assert_eq!(env.queue_depth("refunds.dead").await, 1);
+    holds(&env, "refunds.dead", 1, "a declined purge takes nothing").await;
 
     let confirmed = courier(
         &env,
