@@ -113,12 +113,14 @@ enum TopologyCommand {
     /// is empty; one holding messages is never deleted: it is reported with
     /// what to do.
     Apply {
+        /// Print JSON instead of a table, for scripts.
         #[arg(long)]
         json: bool,
     },
     /// Print what `apply` declares, from the configuration alone: each queue,
     /// what it is for, its policy and bindings.
     Show {
+        /// Print JSON instead of a table, for scripts.
         #[arg(long)]
         json: bool,
         /// The policies as the `policies` array of a RabbitMQ definitions file
@@ -130,6 +132,7 @@ enum TopologyCommand {
     /// difference: missing or unexpected exchanges, queues and bindings,
     /// wrong or legacy arguments, policy drift. Exits 1 when they differ.
     Check {
+        /// Print JSON instead of a table, for scripts.
         #[arg(long)]
         json: bool,
     },
@@ -196,14 +199,19 @@ enum DlqCommand {
     /// all workers' without it): event id, type, order, error kind, attempts,
     /// first failure, last error. The messages stay in the queue.
     List {
+        /// A worker (`refunds`) or its dead-letter queue (`refunds.dead`);
+        /// every worker's without it.
         queue: Option<String>,
+        /// Print JSON instead of a table, for scripts.
         #[arg(long)]
         json: bool,
     },
     /// One dead letter, found by its event id in any dead-letter queue:
     /// properties, headers (x-death included) and body. Exits 1 if none.
     Show {
+        /// The dead letter's event id (its AMQP message id).
         event_id: String,
+        /// Print JSON instead of a table, for scripts.
         #[arg(long)]
         json: bool,
     },
@@ -211,6 +219,7 @@ enum DlqCommand {
     /// ids and a fresh attempt count, confirmed before each dead copy is
     /// removed, each audited in dead_letter_actions.
     Replay {
+        /// A worker (`refunds`) or its dead-letter queue (`refunds.dead`).
         queue: String,
         #[command(flatten)]
         which: Which,
@@ -218,18 +227,21 @@ enum DlqCommand {
         /// because the effect already happened; move nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Print JSON instead of a table, for scripts.
         #[arg(long)]
         json: bool,
     },
     /// Remove dead letters of QUEUE for good, after recording each (headers
     /// and body) in dead_letter_actions. Asks for confirmation.
     Purge {
+        /// A worker (`refunds`) or its dead-letter queue (`refunds.dead`).
         queue: String,
         #[command(flatten)]
         which: WhichToPurge,
         /// Do not ask.
         #[arg(long)]
         yes: bool,
+        /// Print JSON instead of a table, for scripts.
         #[arg(long)]
         json: bool,
     },
@@ -243,6 +255,7 @@ enum OutboxCommand {
         /// How many of the latest errors to show.
         #[arg(long, default_value_t = 10)]
         errors: i64,
+        /// Print JSON instead of a table, for scripts.
         #[arg(long)]
         json: bool,
     },
