@@ -154,12 +154,17 @@ else
     step "rabbitmq: running"
 fi
 
-if rmqplugins -q is_enabled rabbitmq_management >/dev/null 2>&1; then
-    step "rabbitmq: management plugin enabled"
-else
-    step "rabbitmq: enabling the management plugin"
-    rmqplugins -q enable rabbitmq_management >/dev/null
-fi
+# The management UI and API; the shovel plugins make the UI's "Move messages"
+# (dead letters back to their work queue) work. Enabling is online: the
+# broker keeps running.
+for plugin in rabbitmq_management rabbitmq_shovel rabbitmq_shovel_management; do
+    if rmqplugins -q is_enabled "$plugin" >/dev/null 2>&1; then
+        step "rabbitmq: plugin $plugin enabled"
+    else
+        step "rabbitmq: enabling plugin $plugin"
+        rmqplugins -q enable "$plugin" >/dev/null
+    fi
+done
 
 mgmt() { # mgmt METHOD PATH [JSON]: one management API call; fails on HTTP errors.
     local args=(-fsS -o /dev/null -u "$MGMT_USER:$MGMT_PASSWORD" -X "$1" "$MGMT_URL/api$2")

@@ -47,6 +47,17 @@ pub struct Settings {
     pub notifications: NotificationSettings,
     pub shutdown: ShutdownSettings,
     pub http: HttpSettings,
+    #[serde(default)]
+    pub log: LogSettings,
+}
+
+/// How the binaries log (`[log]`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    /// `text` (the default) or `json`: `COURIER__LOG__FORMAT=json`.
+    #[serde(default)]
+    pub format: crate::telemetry::LogFormat,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -32,6 +32,8 @@ pub mod faults;
 pub mod gateway;
 pub mod handlers;
 pub mod http;
+pub mod observe;
+pub mod operate;
 pub mod outbox;
 pub mod registry;
 pub mod shutdown;

@@ -45,6 +45,25 @@ pub fn broker_pool_sized(
         })
 }
 
+/// One connection as the operator user (`amqp.operator`), named `name` in
+/// the management UI: for the operator's tools, which need no pool.
+pub async fn connect_as_operator(
+    settings: &AmqpSettings,
+    name: &str,
+) -> anyhow::Result<lapin::Connection> {
+    lapin::Connection::connect(
+        &settings.uri_as(&settings.operator),
+        ConnectionProperties::default().with_connection_name(name.to_owned().into()),
+    )
+    .await
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "cannot connect to {}: {e}",
+            settings.display_addr_as(&settings.operator)
+        )
+    })
+}
+
 /// The broker's own words when it refused a login or an operation for lack
 /// of permission (403 ACCESS_REFUSED, on the connection or a channel). No
 /// reconnect fixes that: it is a configuration error, never an outage.

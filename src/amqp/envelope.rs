@@ -211,6 +211,159 @@ pub fn header_int(properties: &BasicProperties, key: &str) -> Option<i64> {
     }
 }
 
+/// The ids every log line about a message carries: its event id (message
+/// id) and its order (`x-aggregate-id`), `-` where the message lacks one.
+pub struct LogIds {
+    pub event_id: String,
+    pub order_id: String,
+}
+
+impl LogIds {
+    pub fn of(properties: &BasicProperties) -> Self {
+        Self {
+            event_id: properties
+                .message_id()
+                .as_ref()
+                .map_or_else(|| "-".to_owned(), ToString::to_string),
+            order_id: header_text(properties, headers::AGGREGATE_ID)
+                .unwrap_or_else(|| "-".to_owned()),
+        }
+    }
+}
+
+/// Headers courier's failure copies add; a replay drops them, so the
+/// replayed message starts with a fresh attempt count.
+pub const FAILURE_HEADERS: [&str; 7] = [
+    headers::ATTEMPT,
+    headers::FIRST_FAILED_AT,
+    headers::LAST_ERROR,
+    headers::ERROR_KIND,
+    headers::CONSUMER,
+    headers::ORIGINAL_ROUTING_KEY,
+    headers::ORIGINAL_EXCHANGE,
+];
+
+/// Headers RabbitMQ sets when it dead-letters or redelivers; never
+/// republished (a copied `x-death` can make RabbitMQ drop the message as a
+/// dead-letter cycle).
+const BROKER_HEADERS: [&str; 5] = [
+    headers::X_DEATH,
+    "x-first-death-exchange",
+    "x-first-death-queue",
+    "x-first-death-reason",
+    "x-delivery-count",
+];
+
+/// When and by whom a dead letter was replayed (`courier dlq replay`).
+pub const REPLAYED_AT: &str = "x-replayed-at";
+pub const REPLAYED_BY: &str = "x-replayed-by";
+
+/// The reason of RabbitMQ's most recent dead-lettering of this message
+/// (`expired`, `delivery_limit`, `rejected`, `maxlen`), if it has one: the
+/// first entry of `x-death` is the latest.
+pub fn last_death_reason(properties: &BasicProperties) -> Option<String> {
+    let AMQPValue::FieldArray(deaths) = properties
+        .headers()
+        .as_ref()?
+        .inner()
+        .get(headers::X_DEATH)?
+    else {
+        return None;
+    };
+    let AMQPValue::FieldTable(latest) = deaths.as_slice().first()? else {
+        return None;
+    };
+    match latest.inner().get("reason")? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+/// How many times this message failed before, for its retry budget.
+///
+/// A message comes back to its work queue from a delay tier only by
+/// expiring there, and RabbitMQ records that as the latest `x-death` reason
+/// `expired`: then its `x-attempt` counts. A message that carries failure
+/// headers but did not come back that way was moved back from the
+/// dead-letter queue by an operator (the management UI's "Move messages",
+/// a shovel, a republish by hand): it starts a fresh count, instead of being
+/// dead-lettered again at its first failure. Tiers only ever receive our own
+/// copies, which carry no `x-death`, so nothing else ends with `expired`.
+pub fn previous_failures(properties: &BasicProperties) -> i64 {
+    if last_death_reason(properties).as_deref() == Some("expired") {
+        header_int(properties, headers::ATTEMPT).unwrap_or(0).max(0)
+    } else {
+        0
+    }
+}
+
+/// The properties a replayed dead letter is published with: the same message
+/// id and contract headers, without courier's failure headers or RabbitMQ's
+/// death records, stamped with who replayed it and when.
+pub fn replay_copy(original: &BasicProperties, by: &str, now: DateTime<Utc>) -> BasicProperties {
+    let mut table = FieldTable::default();
+    if let Some(existing) = original.headers() {
+        for (key, value) in existing.inner() {
+            let key_str = key.as_str();
+            if !FAILURE_HEADERS.contains(&key_str) && !BROKER_HEADERS.contains(&key_str) {
+                table.insert(key.clone(), value.clone());
+            }
+        }
+    }
+    table.insert(REPLAYED_AT.into(), text(&now.to_rfc3339()));
+    table.insert(REPLAYED_BY.into(), text(by));
+    let copy = BasicProperties::default()
+        .with_headers(table)
+        .with_delivery_mode(PERSISTENT);
+    copy_basic_fields(original, copy)
+}
+
+/// Headers as JSON, for operators: strings as text, numbers as numbers,
+/// nested tables and arrays (`x-death`) as objects and arrays.
+pub fn headers_json(properties: &BasicProperties) -> serde_json::Value {
+    properties
+        .headers()
+        .as_ref()
+        .map_or_else(|| serde_json::json!({}), table_json)
+}
+
+fn table_json(table: &FieldTable) -> serde_json::Value {
+    serde_json::Value::Object(
+        table
+            .inner()
+            .iter()
+            .map(|(k, v)| (k.as_str().to_owned(), value_json(v)))
+            .collect(),
+    )
+}
+
+fn value_json(value: &AMQPValue) -> serde_json::Value {
+    use serde_json::Value as J;
+    match value {
+        AMQPValue::Boolean(b) => J::from(*b),
+        AMQPValue::LongString(s) => J::from(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => J::from(s.as_str()),
+        AMQPValue::FieldArray(items) => J::Array(items.as_slice().iter().map(value_json).collect()),
+        AMQPValue::FieldTable(table) => table_json(table),
+        AMQPValue::Timestamp(t) => J::from(*t),
+        AMQPValue::Float(x) => J::from(*x),
+        AMQPValue::Double(x) => J::from(*x),
+        AMQPValue::ByteArray(bytes) => {
+            J::from(String::from_utf8_lossy(bytes.as_slice()).into_owned())
+        }
+        AMQPValue::Void => J::Null,
+        AMQPValue::DecimalValue(d) => J::from(format!("{d:?}")),
+        AMQPValue::ShortShortInt(v) => J::from(*v),
+        AMQPValue::ShortShortUInt(v) => J::from(*v),
+        AMQPValue::ShortInt(v) => J::from(*v),
+        AMQPValue::ShortUInt(v) => J::from(*v),
+        AMQPValue::LongInt(v) => J::from(*v),
+        AMQPValue::LongUInt(v) => J::from(*v),
+        AMQPValue::LongLongInt(v) => J::from(*v),
+    }
+}
+
 fn text(value: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(value.to_owned()))
 }
@@ -291,6 +444,52 @@ mod tests {
             header_text(&second, headers::LAST_ERROR).as_deref(),
             Some("b")
         );
+    }
+
+    fn with_death(reason: &str, attempt: i64) -> BasicProperties {
+        let mut death = FieldTable::default();
+        death.insert("reason".into(), text(reason));
+        death.insert("queue".into(), text("refunds.retry.1s"));
+        let mut table = FieldTable::default();
+        table.insert(
+            headers::X_DEATH.into(),
+            AMQPValue::FieldArray(vec![AMQPValue::FieldTable(death)].into()),
+        );
+        table.insert(headers::ATTEMPT.into(), AMQPValue::LongLongInt(attempt));
+        BasicProperties::default().with_headers(table)
+    }
+
+    #[test]
+    fn only_a_message_back_from_a_delay_tier_keeps_its_attempt_count() {
+        assert_eq!(previous_failures(&with_death("expired", 2)), 2);
+        // Broker-dead-lettered for its delivery limit, then moved back.
+        assert_eq!(previous_failures(&with_death("delivery_limit", 2)), 0);
+        // Copied into the dead-letter queue by the consumer, then moved back.
+        let moved_back = failure_copy(&original(), "", "refunds", &stamp(4, "503"));
+        assert_eq!(header_int(&moved_back, headers::ATTEMPT), Some(4));
+        assert_eq!(previous_failures(&moved_back), 0);
+        assert_eq!(previous_failures(&BasicProperties::default()), 0);
+    }
+
+    #[test]
+    fn a_replayed_copy_keeps_its_message_id_and_drops_every_failure_header() {
+        let dead = failure_copy(
+            &with_death("delivery_limit", 3).with_message_id("m-9".into()),
+            "",
+            "refunds",
+            &stamp(4, "503"),
+        );
+        let replayed = replay_copy(&dead, "courier-operator", Utc::now());
+        assert_eq!(
+            replayed.message_id().as_ref().map(|m| m.as_str()),
+            Some("m-9")
+        );
+        let headers = headers_json(&replayed);
+        for gone in FAILURE_HEADERS.iter().chain(BROKER_HEADERS.iter()) {
+            assert!(headers.get(*gone).is_none(), "{gone} in {headers}");
+        }
+        assert_eq!(headers[REPLAYED_BY], "courier-operator");
+        assert_eq!(replayed.delivery_mode(), &Some(PERSISTENT));
     }
 
     #[test]

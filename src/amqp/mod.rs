@@ -3,9 +3,12 @@
 //! properties. The rest of the crate sees broker I/O only through here.
 
 pub mod connection;
+pub mod drift;
 pub mod envelope;
 pub mod management;
+pub mod migrate;
 pub mod permissions;
+pub mod plan;
 pub mod provision;
 pub mod publisher;
 pub mod topology;

@@ -71,7 +71,7 @@ impl Permissions {
 }
 
 /// A regular expression matching exactly these names.
-fn exactly(names: impl IntoIterator<Item = String>) -> String {
+pub(crate) fn exactly(names: impl IntoIterator<Item = String>) -> String {
     let alternatives: Vec<String> = names.into_iter().map(|n| escape(&n)).collect();
     if alternatives.is_empty() {
         return NOTHING.to_owned();

@@ -1,7 +1,9 @@
-//! The broker objects of DESIGN.md §3, declared idempotently by the operator
-//! (`courier topology apply`) and checked passively by the services. Names
-//! come from config, so each test can run in its own vhost; which workers
-//! exist, what they are bound to and who runs them comes from the registry.
+//! The broker objects of DESIGN.md §3: which exchanges, queues and bindings a
+//! topology has ([`Topology::plan`], with each queue's policy), declared by
+//! the operator (`courier topology apply`), and the passive checks the
+//! services make. Names come from config, so each test can run in its own
+//! vhost; which workers exist, what they are bound to and who runs them comes
+//! from the registry.
 //!
 //! Two event exchanges, one per publisher, each with its alternate exchange:
 //! the order service's (`orders.events`) and the refund context's
@@ -10,12 +12,16 @@
 
 use std::time::Duration;
 
+use std::collections::HashSet;
+
 use lapin::{
     Channel, ExchangeKind,
-    options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
-    types::{AMQPValue, FieldTable, LongString, ShortString},
+    options::{ExchangeDeclareOptions, QueueDeclareOptions},
+    types::FieldTable,
 };
+use serde_json::Value;
 
+use super::plan::{self, Arguments, TopologyPlan};
 use crate::{
     config::TopologySettings,
     domain::Publisher,
@@ -161,94 +167,110 @@ impl Topology {
         worker: &WorkerQueues,
     ) -> Result<(), lapin::Error> {
         passive_exchange(channel, &worker.failures_exchange()).await?;
-        channel
-            .queue_declare(
-                worker.work().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
+        passive_queue(channel, worker.work()).await?;
         Ok(())
     }
 
-    /// Declares exchanges, queues and bindings: the operator's job (`courier
-    /// topology apply`, run by scripts/setup.sh), not the services', which
-    /// may configure nothing. Safe to call again; fails with
-    /// PRECONDITION_FAILED if an object exists with other arguments.
-    pub async fn declare(&self, channel: &Channel) -> Result<(), lapin::Error> {
-        let durable = ExchangeDeclareOptions {
-            durable: true,
-            ..ExchangeDeclareOptions::default()
-        };
+    /// Every exchange, queue, binding and policy this topology needs, as
+    /// data: what `declare` and the policies apply and what `courier
+    /// topology check` compares the live broker with.
+    pub fn plan(&self) -> TopologyPlan {
+        let mut plan = TopologyPlan::default();
         for publisher in Publisher::ALL {
             let (events, unrouted) = (self.exchange_of(publisher), self.unrouted_of(publisher));
-            channel
-                .exchange_declare(
-                    unrouted.into(),
-                    ExchangeKind::Fanout,
-                    durable,
-                    FieldTable::default(),
-                )
-                .await?;
-            declare_queue(channel, unrouted, quorum_args()).await?;
-            bind(channel, unrouted, unrouted, "").await?;
-            let mut exchange_args = FieldTable::default();
-            exchange_args.insert("alternate-exchange".into(), long_string(unrouted));
-            channel
-                .exchange_declare(events.into(), ExchangeKind::Topic, durable, exchange_args)
-                .await?;
+            plan.exchange(unrouted, "fanout", Arguments::new());
+            plan.queue(
+                unrouted,
+                &format!(
+                    "{} events no queue was bound for (the alternate exchange's queue)",
+                    publisher.as_str()
+                ),
+                plan::parking(),
+            );
+            plan.bind(unrouted, unrouted, "");
+            plan.exchange(
+                events,
+                "topic",
+                Arguments::from([("alternate-exchange".to_owned(), Value::from(unrouted))]),
+            );
         }
-
         for worker in &self.workers {
-            channel
-                .exchange_declare(
-                    worker.failures_exchange().as_str().into(),
-                    ExchangeKind::Direct,
-                    durable,
-                    FieldTable::default(),
-                )
-                .await?;
-            declare_queue(channel, &worker.dead(), quorum_args()).await?;
-            bind(
-                channel,
-                &worker.dead(),
-                &worker.failures_exchange(),
-                &worker.dead(),
-            )
-            .await?;
+            let failures = worker.failures_exchange();
+            plan.exchange(&failures, "direct", Arguments::new());
+            let dead = worker.dead();
+            plan.queue(
+                &dead,
+                &format!("dead letters of {}, with why (courier dlq)", worker.name),
+                plan::parking(),
+            );
+            plan.bind(&failures, &dead, &dead);
             for (tier, delay) in worker.retry_delays.iter().enumerate() {
                 let Some(name) = worker.retry(tier) else {
                     continue;
                 };
-                let mut args = dead_lettering_args(worker.work());
-                args.insert(
-                    "x-message-ttl".into(),
-                    AMQPValue::LongLongInt(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
+                let mut policy = plan::dead_lettering(worker.work());
+                policy.insert(
+                    "message-ttl".to_owned(),
+                    Value::from(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX)),
                 );
-                declare_queue(channel, &name, args).await?;
-                bind(channel, &name, &worker.failures_exchange(), &name).await?;
+                plan.queue(
+                    &name,
+                    &format!(
+                        "delay tier {} of {}: back to {} after {}",
+                        tier + 1,
+                        worker.name,
+                        worker.work(),
+                        humantime::format_duration(*delay)
+                    ),
+                    policy,
+                );
+                plan.bind(&failures, &name, &name);
             }
-            let mut args = dead_lettering_args(&worker.dead());
-            args.insert(
-                "x-delivery-limit".into(),
-                AMQPValue::LongLongInt(i64::from(self.delivery_limit)),
+            let mut policy = plan::dead_lettering(&dead);
+            policy.insert(
+                "delivery-limit".to_owned(),
+                Value::from(self.delivery_limit),
             );
             if let Some(max) = self.work_queue_max_length {
-                args.insert(
-                    "x-max-length".into(),
-                    AMQPValue::LongLongInt(i64::from(max)),
-                );
+                policy.insert("max-length".to_owned(), Value::from(max));
             }
-            declare_queue(channel, worker.work(), args).await?;
+            plan.queue(
+                worker.work(),
+                &format!("work queue of the {} worker", worker.name),
+                policy,
+            );
             for key in &worker.routing_keys {
-                bind(channel, worker.work(), &worker.source_exchange, key).await?;
+                plan.bind(&worker.source_exchange, worker.work(), key);
             }
         }
-        Ok(())
+        plan
     }
+
+    /// Declares exchanges, queues and bindings over AMQP: the operator's job
+    /// (`courier topology apply`, run by scripts/setup.sh), not the services',
+    /// which may configure nothing. The queues' changeable settings are their
+    /// policies, which [`crate::amqp::provision::declare_topology`] applies
+    /// too. Safe to call again; fails with PRECONDITION_FAILED if a queue
+    /// exists with other arguments (the migration there handles that).
+    pub async fn declare(&self, channel: &Channel) -> Result<(), lapin::Error> {
+        self.plan().declare(channel, &HashSet::new()).await
+    }
+}
+
+/// A queue's ready messages and consumers, without changing anything (a
+/// passive declare: exact, unlike the management API's lagging statistics;
+/// 404 NOT_FOUND if it does not exist).
+pub async fn passive_queue(channel: &Channel, name: &str) -> Result<lapin::Queue, lapin::Error> {
+    channel
+        .queue_declare(
+            name.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
 }
 
 async fn passive_exchange(channel: &Channel, name: &str) -> Result<(), lapin::Error> {
@@ -265,64 +287,27 @@ async fn passive_exchange(channel: &Channel, name: &str) -> Result<(), lapin::Er
         .await
 }
 
-fn long_string(value: &str) -> AMQPValue {
-    AMQPValue::LongString(LongString::from(value.to_owned()))
-}
-
-fn quorum_args() -> FieldTable {
-    let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), long_string("quorum"));
-    args
-}
-
-/// Quorum queue that dead-letters to `target` through the default exchange.
-/// `at-least-once` keeps a dead letter until the target confirmed it; it
-/// requires `reject-publish` overflow.
-fn dead_lettering_args(target: &str) -> FieldTable {
-    let mut args = quorum_args();
-    args.insert("x-dead-letter-exchange".into(), long_string(""));
-    args.insert("x-dead-letter-routing-key".into(), long_string(target));
-    args.insert(
-        "x-dead-letter-strategy".into(),
-        long_string("at-least-once"),
-    );
-    args.insert("x-overflow".into(), long_string("reject-publish"));
-    args
-}
-
-async fn declare_queue(
-    channel: &Channel,
-    name: &str,
-    args: FieldTable,
-) -> Result<(), lapin::Error> {
-    channel
-        .queue_declare(
-            ShortString::from(name),
-            QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
-            },
-            args,
-        )
-        .await?;
-    Ok(())
-}
-
-async fn bind(
-    channel: &Channel,
-    queue: &str,
-    exchange: &str,
-    key: &str,
-) -> Result<(), lapin::Error> {
-    channel
-        .queue_bind(
-            queue.into(),
-            exchange.into(),
-            key.into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
+/// A topology for unit tests: `workers` with one-second tiers for `tiers`.
+#[cfg(test)]
+pub(crate) fn example(workers: &[&str], tiers: usize) -> Topology {
+    Topology {
+        events_exchange: "orders.events".into(),
+        unrouted_exchange: "orders.unrouted".into(),
+        refund_events_exchange: "refunds.events".into(),
+        refund_unrouted_exchange: "refunds.unrouted".into(),
+        delivery_limit: 10,
+        work_queue_max_length: None,
+        workers: workers
+            .iter()
+            .map(|name| WorkerQueues {
+                name: (*name).to_owned(),
+                source_exchange: "orders.events".into(),
+                routing_keys: vec!["order.canceled"],
+                retry_delays: (1..=tiers).map(|i| Duration::from_secs(i as u64)).collect(),
+                runs_in: Process::Consumer,
+            })
+            .collect(),
+    }
 }
 
 #[cfg(test)]

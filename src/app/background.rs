@@ -12,12 +12,12 @@ use std::sync::Arc;
 use tokio::{sync::mpsc, task::JoinSet};
 
 use crate::{
-    amqp::{Topology, broker_pool_sized},
+    amqp::{BrokerPool, Topology, broker_pool_sized},
     config::{BrokerUser, ConfigError, Settings},
     consume::{ConsumerStats, Worker, WorkerConfig, WorkerError, WorkerStats},
     domain::Publisher,
     handlers::HandlerDeps,
-    outbox::{Relay, RelayError},
+    outbox::{Relay, RelayError, RelayStats},
     registry::{self, Process},
     shutdown::Shutdown,
     store::DbPool,
@@ -31,6 +31,8 @@ pub struct Background {
     process: Process,
     tasks: JoinSet<Option<Refused>>,
     stats: ConsumerStats,
+    relays: Vec<(Publisher, Arc<RelayStats>)>,
+    broker: BrokerPool,
 }
 
 impl Background {
@@ -60,6 +62,7 @@ impl Background {
         )?;
         let topology = Topology::from_settings(&settings.topology);
         let mut tasks = JoinSet::new();
+        let mut relays = Vec::new();
         for publisher in Publisher::ALL
             .into_iter()
             .filter(|p| registry::relayed_by(*p) == process)
@@ -72,6 +75,7 @@ impl Background {
                 settings.relay.clone(),
                 app_id(process),
             ));
+            relays.push((publisher, relay.stats()));
             let run = relay.run(settings.database.url(), shutdown.clone());
             tasks.spawn(watched(refused.clone(), async move {
                 match run.await {
@@ -114,6 +118,8 @@ impl Background {
                 process,
                 tasks,
                 stats,
+                relays,
+                broker,
             },
             shutdown,
         ))
@@ -122,6 +128,17 @@ impl Background {
     /// The workers' counters, by worker name.
     pub fn stats(&self) -> &ConsumerStats {
         &self.stats
+    }
+
+    /// `/metrics` and `/readyz` over this process's relays, workers, broker
+    /// pool and `db`.
+    pub fn observe_routes(&self, db: &DbPool) -> axum::Router {
+        crate::observe::routes(
+            self.relays.clone(),
+            self.stats.clone(),
+            self.broker.clone(),
+            db.clone(),
+        )
     }
 
     /// Waits until every relay and worker has stopped; the broker's refusal,

@@ -11,9 +11,9 @@ use crate::{config::Settings, registry::Process, store};
 pub const APP_ID: &str = "courier-consumer";
 
 /// Runs every worker named in `consumer.workers` and the refund context's
-/// relay until `shutdown`, and serves `GET /stats` and `GET /healthz` on
-/// `stats_listener`. If the broker refuses the consumer's user, everything
-/// stops and this returns a [`crate::config::ConfigError`].
+/// relay until `shutdown`, and serves `GET /stats`, `/metrics`, `/healthz`
+/// and `/readyz` on `stats_listener`. If the broker refuses the consumer's
+/// user, everything stops and this returns a [`crate::config::ConfigError`].
 pub async fn run_until_stopped(
     settings: Settings,
     stats_listener: TcpListener,
@@ -38,7 +38,8 @@ pub async fn run_until_stopped(
                 async move { Json(stats.snapshot()) }
             }),
         )
-        .route("/healthz", get(|| async { "ok" }));
+        .route("/healthz", get(|| async { "ok" }))
+        .merge(background.observe_routes(&db));
     let stats_shutdown = shutdown.clone();
     let http_settings = settings.http.clone();
     let server = tokio::spawn(async move {

@@ -24,7 +24,6 @@ where
     Run: FnOnce(Settings, TcpListener) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
-    crate::telemetry::init(name);
     let settings = match Settings::load()
         .and_then(|settings| crate::registry::validate(&settings).map(|()| settings))
     {
@@ -34,6 +33,7 @@ where
             return ExitCode::from(2);
         }
     };
+    crate::telemetry::init(name, settings.log.format);
     let addr = listen(&settings);
     let result = match TcpListener::bind(addr).await {
         Ok(listener) => run(settings, listener).await,

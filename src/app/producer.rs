@@ -33,7 +33,8 @@ pub async fn run_until_stopped(
 
     tracing::info!(listen = %listener.local_addr()?, broker = %settings.amqp.display_addr_as(&settings.amqp.producer), "order service up");
     let api_shutdown = shutdown.clone();
-    http::serve(listener, http::router(api_db), &settings.http, async move {
+    let routes = http::router(api_db).merge(background.observe_routes(&background_db));
+    http::serve(listener, routes, &settings.http, async move {
         api_shutdown.wait().await;
     })
     .await?;

@@ -76,7 +76,7 @@ struct Cli {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    courier::telemetry::init("bench");
+    courier::telemetry::init("bench", courier::telemetry::LogFormat::Text);
     let settings = match Settings::load() {
         Ok(settings) => settings,
         Err(error) => {

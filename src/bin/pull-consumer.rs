@@ -43,7 +43,6 @@ struct Args {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    courier::telemetry::init("pull-consumer");
     let settings = match Settings::load() {
         Ok(settings) => settings,
         Err(error) => {
@@ -51,6 +50,7 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    courier::telemetry::init("pull-consumer", settings.log.format);
     let read = async {
         let db = store::pool(&settings.database)?;
         let reader = EventReader::new(&args.api, &args.reader, db, args.page_size).await?;

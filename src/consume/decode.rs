@@ -4,7 +4,7 @@ use lapin::BasicProperties;
 use uuid::Uuid;
 
 use crate::{
-    amqp::envelope::{self, CONTENT_TYPE_JSON, headers},
+    amqp::envelope::{self, CONTENT_TYPE_JSON},
     domain::IncomingEvent,
 };
 
@@ -12,7 +12,7 @@ use crate::{
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Poison {
     pub reason: String,
-    /// How many times this message failed before (our `x-attempt` header).
+    /// How many times this message failed before, as for [`Decoded`].
     pub previous_failures: i64,
 }
 
@@ -21,7 +21,9 @@ pub struct Poison {
 pub struct Decoded {
     pub message_id: Uuid,
     pub event: IncomingEvent,
-    /// How many times this message failed before (our `x-attempt` header).
+    /// How many times this message failed before: our `x-attempt` header when
+    /// it came back from a delay tier, 0 when an operator moved it back from
+    /// the dead-letter queue ([`envelope::previous_failures`]).
     pub previous_failures: i64,
 }
 
@@ -32,9 +34,7 @@ pub fn decode(
     body: &[u8],
     max_body_bytes: usize,
 ) -> Result<Decoded, Poison> {
-    let previous_failures = envelope::header_int(properties, headers::ATTEMPT)
-        .unwrap_or(0)
-        .max(0);
+    let previous_failures = envelope::previous_failures(properties);
     decode_event(properties, body, max_body_bytes)
         .map(|(message_id, event)| Decoded {
             message_id,
@@ -123,12 +123,19 @@ mod tests {
     }
 
     #[test]
-    fn poison_keeps_the_attempts_it_already_failed() {
-        let mut table = lapin::types::FieldTable::default();
-        table.insert(
-            headers::ATTEMPT.into(),
-            lapin::types::AMQPValue::LongLongInt(2),
+    fn poison_back_from_a_delay_tier_keeps_the_attempts_it_already_failed() {
+        use lapin::types::{AMQPValue, FieldTable, LongString};
+        let mut death = FieldTable::default();
+        death.insert(
+            "reason".into(),
+            AMQPValue::LongString(LongString::from("expired")),
         );
+        let mut table = FieldTable::default();
+        table.insert(
+            envelope::headers::X_DEATH.into(),
+            AMQPValue::FieldArray(vec![AMQPValue::FieldTable(death)].into()),
+        );
+        table.insert(envelope::headers::ATTEMPT.into(), AMQPValue::LongLongInt(2));
         let poison = decode(&props().with_headers(table), b"{oops", 64).err();
         assert_eq!(poison.map(|p| p.previous_failures), Some(2));
     }

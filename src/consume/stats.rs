@@ -9,10 +9,27 @@ use std::{
     },
 };
 
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use serde::Serialize;
+
+/// How long the handler took, in seconds, once per delivery it handled.
+#[derive(Debug, Clone)]
+pub struct HandlerSeconds(pub Histogram);
+
+impl Default for HandlerSeconds {
+    /// 1 ms up to about 33 s (the handler deadline is 30 s).
+    fn default() -> Self {
+        Self(Histogram::new(exponential_buckets(0.001, 2.0, 16)))
+    }
+}
 
 #[derive(Debug, Default)]
 pub struct WorkerStats {
+    /// Deliveries taken from the work queue.
+    pub received: AtomicU64,
+    /// Sessions that ended in an error and were opened again.
+    pub reconnects: AtomicU64,
+    pub handler_seconds: HandlerSeconds,
     pub handled: AtomicU64,
     pub duplicates: AtomicU64,
     /// Messages with nothing left to change (an older version than the one
@@ -43,6 +60,29 @@ impl WorkerStats {
         if let Some((_, counter)) = self.retried_per_tier.get(tier) {
             counter.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    pub fn count_received(&self, n: usize) {
+        self.received
+            .fetch_add(u64::try_from(n).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// One handler call of `handled` deliveries took `elapsed`: observed once
+    /// per delivery, since each of them waited that long.
+    pub fn observe_handler(&self, elapsed: std::time::Duration, handled: usize) {
+        for _ in 0..handled {
+            self.handler_seconds.0.observe(elapsed.as_secs_f64());
+        }
+    }
+
+    /// Settled deliveries that were acked: handled, absorbed duplicates, and
+    /// those whose retry or dead-letter copy was confirmed.
+    pub fn acked(&self) -> u64 {
+        let snapshot = self.snapshot();
+        snapshot.handled
+            + snapshot.duplicates
+            + snapshot.retried.iter().map(|(_, n)| n).sum::<u64>()
+            + snapshot.dead_total()
     }
 
     pub fn bump(counter: &AtomicU64) {
@@ -111,6 +151,10 @@ pub struct ConsumerStats {
 impl ConsumerStats {
     pub fn add(&mut self, worker: &str, stats: Arc<WorkerStats>) {
         self.workers.insert(worker.to_owned(), stats);
+    }
+
+    pub fn workers(&self) -> impl Iterator<Item = (&String, &Arc<WorkerStats>)> {
+        self.workers.iter()
     }
 
     pub fn snapshot(&self) -> BTreeMap<String, WorkerSnapshot> {

@@ -33,7 +33,7 @@ use super::{
 use crate::{
     amqp::{
         BrokerPool, ConfirmedPublisher, Topology, WorkerQueues, access_refused,
-        envelope::{self, ErrorKind, FailureStamp},
+        envelope::{self, ErrorKind, FailureStamp, LogIds},
     },
     config::ConsumerSettings,
     faults::{CrashPoint, crash_on_message, crash_point},
@@ -157,6 +157,7 @@ impl<H: Handler> Worker<H> {
                     }
                     let delay = reconnect_delay(failures);
                     failures = failures.saturating_add(1);
+                    WorkerStats::bump(&self.stats.reconnects);
                     tracing::warn!(worker, %error, retry_in = ?delay, "consumer session ended; reconnecting");
                     shutdown.sleep(delay).await;
                     continue;
@@ -325,6 +326,7 @@ async fn close(channel: &Channel) {
 
 impl<H: Handler> Shared<H> {
     async fn process_batch(&self, deliveries: Vec<Delivery>) {
+        self.stats.count_received(deliveries.len());
         let settles = self.outcomes(&deliveries).await;
         join_all(
             deliveries
@@ -352,15 +354,17 @@ impl<H: Handler> Shared<H> {
         };
         if let Err(error) = result {
             // The channel is gone; the broker redelivers, the inbox absorbs it.
-            tracing::warn!(worker = self.queues.work(), %error, "could not settle a delivery");
+            let ids = LogIds::of(&delivery.properties);
+            tracing::warn!(consumer = self.handler.name(), event_id = %ids.event_id, order_id = %ids.order_id, %error, "could not settle a delivery");
         }
     }
 
     /// Counted, and logged: the failure tests read this line as proof that a
     /// committed delivery came back.
-    fn absorbed_duplicate(&self, message_id: uuid::Uuid) {
+    fn absorbed_duplicate(&self, delivery: &Delivery) {
         WorkerStats::bump(&self.stats.duplicates);
-        tracing::info!(worker = self.queues.work(), %message_id, "duplicate delivery absorbed");
+        let ids = LogIds::of(&delivery.properties);
+        tracing::info!(consumer = self.handler.name(), event_id = %ids.event_id, order_id = %ids.order_id, "duplicate delivery absorbed");
     }
 
     /// One settle per delivery, in order. Undecodable deliveries are failed
@@ -376,7 +380,8 @@ impl<H: Handler> Shared<H> {
                 Ok(ok) => {
                     crash_on_message(Some(ok.message_id));
                     if delivery.redelivered {
-                        tracing::info!(worker = self.queues.work(), message_id = %ok.message_id, "redelivered delivery");
+                        let ids = LogIds::of(&delivery.properties);
+                        tracing::info!(consumer = self.handler.name(), event_id = %ids.event_id, order_id = %ids.order_id, "redelivered delivery");
                     }
                     decoded.push((i, ok));
                 }
@@ -444,7 +449,7 @@ impl<H: Handler> Shared<H> {
         let mut fresh = Vec::with_capacity(round.len());
         for (i, d) in round {
             if seen.contains(&d.message_id) {
-                self.absorbed_duplicate(d.message_id);
+                self.absorbed_duplicate(&deliveries[*i]);
                 settled.push((*i, Settle::Ack));
             } else {
                 crash_point(CrashPoint::BeforeEffect);
@@ -462,7 +467,9 @@ impl<H: Handler> Shared<H> {
             })
             .collect();
         self.stats.count_batch(work.len());
+        let started = std::time::Instant::now();
         let outcomes = self.handler.handle_batch(&work, self.handler_timeout).await;
+        self.stats.observe_handler(started.elapsed(), work.len());
         if fresh.len() > 1 && outcomes.iter().any(|o| matches!(o, Ok(Handled::Done))) {
             crash_point(CrashPoint::AfterBatchCommit);
         }
@@ -492,7 +499,7 @@ impl<H: Handler> Shared<H> {
                 Settle::Ack
             }
             Ok(Handled::AlreadyProcessed) => {
-                self.absorbed_duplicate(decoded.message_id);
+                self.absorbed_duplicate(delivery);
                 Settle::Ack
             }
             Ok(Handled::Skipped) => {
@@ -500,7 +507,8 @@ impl<H: Handler> Shared<H> {
                 Settle::Ack
             }
             Err(HandlerError::Unavailable(error)) => {
-                tracing::warn!(worker = self.queues.work(), %error, "database unavailable; handing the delivery back");
+                let ids = LogIds::of(&delivery.properties);
+                tracing::warn!(consumer = self.handler.name(), event_id = %ids.event_id, order_id = %ids.order_id, %error, "database unavailable; handing the delivery back");
                 Settle::DatabaseDown
             }
             Err(HandlerError::Transient(error)) => {
@@ -546,7 +554,8 @@ impl<H: Handler> Shared<H> {
                 Shelved::Permanent { error }
             };
             if let Err(last_word) = self.handler.before_dead_letter(work, shelved).await {
-                tracing::warn!(worker = self.queues.work(), %last_word, "could not record the failure before shelving; handing the delivery back");
+                let ids = LogIds::of(&delivery.properties);
+                tracing::warn!(consumer = self.handler.name(), event_id = %ids.event_id, order_id = %ids.order_id, %last_word, "could not record the failure before shelving; handing the delivery back");
                 return match last_word {
                     HandlerError::Unavailable(_) => Settle::DatabaseDown,
                     _ => Settle::Requeue,
@@ -565,6 +574,7 @@ impl<H: Handler> Shared<H> {
         kind: ErrorKind,
         error: &str,
     ) -> Settle {
+        let ids = LogIds::of(&delivery.properties);
         let (target, attempt) = match decision {
             Decision::Retry { tier, attempt } => match self.queues.retry(tier) {
                 Some(queue) => (queue, attempt),
@@ -596,7 +606,7 @@ impl<H: Handler> Shared<H> {
             )
             .await
         {
-            tracing::warn!(worker = self.queues.work(), queue = %target, %publish_error, "failure copy not confirmed; requeueing the original");
+            tracing::warn!(consumer = self.handler.name(), event_id = %ids.event_id, order_id = %ids.order_id, queue = %target, %publish_error, "failure copy not confirmed; requeueing the original");
             if let Some(refused) = access_refused(&publish_error)
                 && let Ok(mut slot) = self.refused.lock()
             {
@@ -608,7 +618,7 @@ impl<H: Handler> Shared<H> {
         match decision {
             Decision::Retry { tier, .. } => {
                 self.stats.count_retry(tier);
-                tracing::info!(worker = self.queues.work(), queue = %target, attempt, %error, "retrying later");
+                tracing::info!(consumer = self.handler.name(), event_id = %ids.event_id, order_id = %ids.order_id, queue = %target, attempt, %error, "retrying later");
             }
             Decision::DeadLetter {
                 kind, exhausted, ..
@@ -619,7 +629,7 @@ impl<H: Handler> Shared<H> {
                     _ => &self.stats.dead_permanent,
                 };
                 WorkerStats::bump(counter);
-                tracing::warn!(worker = self.queues.work(), queue = %target, kind = kind.as_str(), attempt, %error, "dead-lettered");
+                tracing::warn!(consumer = self.handler.name(), event_id = %ids.event_id, order_id = %ids.order_id, queue = %target, kind = kind.as_str(), attempt, %error, "dead-lettered");
             }
         }
         Settle::Ack

@@ -5,8 +5,10 @@
 pub mod backoff;
 pub mod prune;
 pub mod relay;
+pub mod stats;
 
 pub use relay::{Relay, RelayError, RelayOutcome};
+pub use stats::RelayStats;
 
 use crate::{amqp::envelope::EventEnvelope, store::outbox::OutboxRow};
 

@@ -27,6 +27,8 @@ use crate::{
     store::{self, DbPool, StoreError, outbox},
 };
 
+use super::RelayStats;
+
 /// What one relay step did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RelayOutcome {
@@ -62,6 +64,7 @@ pub struct Relay {
     settings: RelaySettings,
     app_id: String,
     publisher: Mutex<Option<ConfirmedPublisher>>,
+    stats: Arc<RelayStats>,
 }
 
 impl Relay {
@@ -94,7 +97,13 @@ impl Relay {
             settings,
             app_id: app_id.to_owned(),
             publisher: Mutex::new(None),
+            stats: Arc::default(),
         }
+    }
+
+    /// What this relay did so far, for `/metrics`.
+    pub fn stats(&self) -> Arc<RelayStats> {
+        self.stats.clone()
     }
 
     /// The open publisher, or a new one on a fresh connection. The events
@@ -127,6 +136,7 @@ impl Relay {
             publisher = self.source.as_str(),
             "relay publisher channel open"
         );
+        self.stats.count_channel_open();
         *slot = Some(publisher.clone());
         Ok(publisher)
     }
@@ -176,6 +186,7 @@ impl Relay {
                 }
             }
         }
+        self.stats.count_published(sent.len());
         crash_point(CrashPoint::AfterPublishBeforeConfirm);
         let timeout = self.settings.confirm_timeout;
         let (rows_sent, pendings): (Vec<_>, Vec<_>) = sent.into_iter().unzip();
@@ -194,6 +205,7 @@ impl Relay {
         let mut published = Vec::new();
         let mut channel_broken = !failures.is_empty();
         for (row, result) in rows_sent.into_iter().zip(results) {
+            self.stats.record(&result);
             match result {
                 Ok(()) => published.push(row.id),
                 Err(error) => {
@@ -224,6 +236,7 @@ impl Relay {
             tracing::warn!(
                 outbox_id = row.id,
                 event_id = %row.event_id,
+                order_id = %row.aggregate_id,
                 attempts = row.attempts + 1,
                 retry_in = ?delay,
                 %error,

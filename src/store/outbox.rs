@@ -161,3 +161,90 @@ pub async fn pending_count(conn: &mut AsyncPgConnection) -> Result<i64, StoreErr
         .await
         .map_err(StoreError::classify)
 }
+
+/// What `courier outbox status` and the producer's `/metrics` show: how many
+/// events wait for the broker, since when, and why the latest ones failed.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct OutboxStatus {
+    pub pending: i64,
+    /// Pending rows that failed at least once (nack, return, timeout).
+    pub failing: i64,
+    /// `occurred_at` of the oldest pending event.
+    pub oldest_pending_at: Option<DateTime<Utc>>,
+    pub published: i64,
+    /// The most recently failed pending rows, newest attempt first.
+    pub last_errors: Vec<PendingError>,
+}
+
+#[derive(Debug, Clone, PartialEq, Queryable, serde::Serialize)]
+pub struct PendingError {
+    pub event_id: Uuid,
+    pub event_type: String,
+    pub aggregate_id: String,
+    pub attempts: i32,
+    pub last_error: Option<String>,
+    pub next_attempt_at: DateTime<Utc>,
+}
+
+/// Pending count and the oldest pending event's time: two index-backed
+/// aggregates, cheap enough for every scrape.
+pub async fn pending_summary(
+    conn: &mut AsyncPgConnection,
+    publisher: Option<Publisher>,
+) -> Result<(i64, Option<DateTime<Utc>>), StoreError> {
+    let mut query = outbox::table
+        .filter(outbox::published_at.is_null())
+        .into_boxed();
+    if let Some(publisher) = publisher {
+        query = query.filter(outbox::publisher.eq(publisher.as_str()));
+    }
+    query
+        .select((
+            diesel::dsl::count_star(),
+            diesel::dsl::min(outbox::occurred_at),
+        ))
+        .get_result(conn)
+        .await
+        .map_err(StoreError::classify)
+}
+
+/// The outbox's state for operators, with up to `errors` recent failures.
+pub async fn status(conn: &mut AsyncPgConnection, errors: i64) -> Result<OutboxStatus, StoreError> {
+    let (pending, oldest_pending_at) = pending_summary(conn, None).await?;
+    let failing = outbox::table
+        .filter(outbox::published_at.is_null())
+        .filter(outbox::attempts.gt(0))
+        .count()
+        .get_result(conn)
+        .await
+        .map_err(StoreError::classify)?;
+    let published = outbox::table
+        .filter(outbox::published_at.is_not_null())
+        .count()
+        .get_result(conn)
+        .await
+        .map_err(StoreError::classify)?;
+    let last_errors = outbox::table
+        .filter(outbox::published_at.is_null())
+        .filter(outbox::last_error.is_not_null())
+        .order(outbox::next_attempt_at.desc())
+        .limit(errors)
+        .select((
+            outbox::event_id,
+            outbox::event_type,
+            outbox::aggregate_id,
+            outbox::attempts,
+            outbox::last_error,
+            outbox::next_attempt_at,
+        ))
+        .load(conn)
+        .await
+        .map_err(StoreError::classify)?;
+    Ok(OutboxStatus {
+        pending,
+        failing,
+        oldest_pending_at,
+        published,
+        last_errors,
+    })
+}

@@ -162,3 +162,17 @@ pub async fn count_for_orders(
         .await
         .map_err(StoreError::classify)
 }
+
+/// Whether the order already has its refund recorded: what makes replaying
+/// one of its dead letters harmless.
+pub async fn exists_for_order(
+    conn: &mut AsyncPgConnection,
+    order_id: Uuid,
+) -> Result<bool, StoreError> {
+    diesel::select(diesel::dsl::exists(
+        refunds::table.filter(refunds::order_id.eq(order_id)),
+    ))
+    .get_result(conn)
+    .await
+    .map_err(StoreError::classify)
+}

@@ -63,6 +63,26 @@ diesel::table! {
 }
 
 diesel::table! {
+    dead_letter_actions (id) {
+        id -> Int8,
+        action -> Text,
+        queue -> Text,
+        target_queue -> Nullable<Text>,
+        message_id -> Nullable<Text>,
+        event_type -> Nullable<Text>,
+        order_id -> Nullable<Text>,
+        error_kind -> Nullable<Text>,
+        last_error -> Nullable<Text>,
+        attempts -> Nullable<Int8>,
+        outcome -> Text,
+        operator -> Text,
+        headers -> Jsonb,
+        body -> Bytea,
+        acted_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
     shipments (order_id) {
         order_id -> Uuid,
         shipping_address -> Text,
@@ -72,6 +92,7 @@ diesel::table! {
 }
 
 diesel::allow_tables_to_appear_in_same_query!(
+    dead_letter_actions,
     orders,
     outbox,
     processed_messages,

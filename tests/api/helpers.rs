@@ -175,10 +175,10 @@ impl TestEnv {
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         let topology = Topology::from_settings(&settings.topology);
-        topology
-            .declare(&channel)
+        // Exchanges, queues, bindings and each queue's policy, as the operator would.
+        courier::amqp::provision::declare_topology(&settings.amqp, &topology)
             .await
-            .unwrap_or_else(|e| panic!("cannot declare topology: {e}"));
+            .unwrap_or_else(|e| panic!("cannot declare topology: {e:#}"));
         Self {
             settings,
             db,
@@ -549,6 +549,16 @@ pub async fn free_port() -> String {
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Properties of a well-formed `order.canceled` message under a new message
+/// id, whatever its body: for poison and forged messages.
+pub fn json_properties() -> BasicProperties {
+    BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_message_id(Uuid::now_v7().to_string().into())
+        .with_type("order.canceled".into())
+        .with_delivery_mode(2)
 }
 
 pub fn header_text(message: &lapin::message::BasicGetMessage, key: &str) -> Option<String> {

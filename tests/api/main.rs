@@ -11,6 +11,8 @@ mod faults;
 mod helpers;
 mod http;
 mod money;
+mod observe;
+mod operate;
 mod orders;
 mod privilege;
 mod refund_status;

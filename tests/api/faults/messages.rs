@@ -8,16 +8,9 @@ use figment::providers::Serialized;
 use lapin::BasicProperties;
 
 use super::harness::{CONSUMER, GATEWAY, PRODUCER, Run, assert_passed};
+use crate::helpers::json_properties;
 
 const SETTLE: Duration = Duration::from_secs(60);
-
-fn json_properties() -> BasicProperties {
-    BasicProperties::default()
-        .with_content_type("application/json".into())
-        .with_message_id(uuid::Uuid::now_v7().to_string().into())
-        .with_type("order.canceled".into())
-        .with_delivery_mode(2)
-}
 
 #[tokio::test]
 async fn poison_messages_are_dead_lettered_at_once_and_the_run_is_unaffected() {

@@ -17,6 +17,10 @@ async fn run_on_broker(broker: &BrokerNode) -> Run {
     Run::new(|f| {
         f.merge(Serialized::default("amqp.port", port))
             .merge(Serialized::default("amqp.vhost", "/"))
+            .merge(Serialized::default(
+                "amqp.management_url",
+                broker.management_url(),
+            ))
     })
     .await
 }

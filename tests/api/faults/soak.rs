@@ -129,6 +129,10 @@ async fn soak() {
         f.merge(Serialized::default("amqp.port", port))
             .merge(Serialized::default("amqp.vhost", "/"))
             .merge(Serialized::default(
+                "amqp.management_url",
+                broker.management_url(),
+            ))
+            .merge(Serialized::default(
                 "gateway_simulator.transient_error_rate",
                 0.05,
             ))

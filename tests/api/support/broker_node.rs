@@ -1,5 +1,6 @@
 //! A throwaway RabbitMQ node that tests may kill and restart: its own node
-//! name (`courier-<random>@localhost`), its own AMQP and distribution ports,
+//! name (`courier-<random>@localhost`), its own AMQP, distribution and
+//! management ports (the management plugin applies courier's policies),
 //! its own Erlang cookie, config, mnesia and log directories, all in one temp
 //! directory that goes away with the node. The machine's shared node
 //! (`rabbit@localhost`) is never addressed: every `rabbitmqctl` call names
@@ -54,6 +55,8 @@ pub struct BrokerNode {
     node_name: String,
     amqp_port: u16,
     dist_port: u16,
+    /// The management API (courier applies its queue policies through it).
+    management_port: u16,
     /// The `rabbitmq-server` script; `beam.smp` is its child.
     server: Option<Child>,
     started_in: Duration,
@@ -74,16 +77,19 @@ impl BrokerNode {
         let name = sys::unique_name("courier");
         let dir = TempDir::new(&format!("{name}{DIR_SUFFIX}"));
         let amqp_port = sys::free_port();
-        let dist_port = loop {
+        let other_port = |taken: &[u16]| loop {
             let port = sys::free_port();
-            if port != amqp_port {
+            if !taken.contains(&port) {
                 break port;
             }
         };
+        let dist_port = other_port(&[amqp_port]);
+        let management_port = other_port(&[amqp_port, dist_port]);
         let mut node = BrokerNode {
             node_name: format!("{name}@localhost"),
             amqp_port,
             dist_port,
+            management_port,
             server: None,
             started_in: Duration::ZERO,
             dir,
@@ -106,6 +112,11 @@ impl BrokerNode {
     /// `amqp://guest:guest@127.0.0.1:<port>/%2f`
     pub fn amqp_uri(&self) -> String {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.amqp_port)
+    }
+
+    /// `http://127.0.0.1:<port>`: the node's management API (guest/guest).
+    pub fn management_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.management_port)
     }
 
     pub fn dist_port(&self) -> u16 {
@@ -334,7 +345,8 @@ impl BrokerNode {
             .mode(0o400)
             .open(self.dir.join("home/.erlang.cookie"))?
             .write_all(cookie.as_bytes())?;
-        fs::write(self.dir.join("enabled_plugins"), "[].\n")?;
+        // The management API: courier's queue policies are applied through it.
+        fs::write(self.dir.join("enabled_plugins"), "[rabbitmq_management].\n")?;
         fs::write(
             self.dir.join("rabbitmq-env.conf"),
             "# throwaway node: everything is set through the environment\n",
@@ -346,7 +358,10 @@ impl BrokerNode {
                  heartbeat = 5\n\
                  log.console = false\n\
                  log.file.level = info\n\
-                 {extra_config}\n"
+                 management.tcp.ip = 127.0.0.1\n\
+                 management.tcp.port = {}\n\
+                 {extra_config}\n",
+                self.management_port
             ),
         )?;
         Ok(())
@@ -392,7 +407,9 @@ impl BrokerNode {
                 .await
             {
                 let _ = connection.close(200, "ready".into()).await;
-                break;
+                if self.management_answers().await {
+                    break;
+                }
             }
             assert!(
                 Instant::now() < deadline,
@@ -411,6 +428,18 @@ impl BrokerNode {
             "throwaway RabbitMQ {} serves AMQP on 127.0.0.1:{} (started in {:.1?})",
             self.node_name, self.amqp_port, self.started_in
         );
+    }
+}
+
+impl BrokerNode {
+    async fn management_answers(&self) -> bool {
+        let overview = reqwest::Client::new()
+            .get(format!("{}/api/overview", self.management_url()))
+            .basic_auth("guest", Some("guest"))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await;
+        overview.is_ok_and(|r| r.status().is_success())
     }
 }
 
