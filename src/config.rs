@@ -178,6 +178,22 @@ pub struct RelaySettings {
 #[serde(deny_unknown_fields)]
 pub struct ProducerSettings {
     pub listen: SocketAddr,
+    /// Cancels that arrived together are written in one statement and one
+    /// commit, up to this many (1 writes each on its own).
+    #[serde(default = "default_cancel_batch_max")]
+    pub cancel_batch_max: usize,
+    /// Cancel batches written at once; while they run, the next requests
+    /// gather into the next batch.
+    #[serde(default = "default_cancel_batches_in_flight")]
+    pub cancel_batches_in_flight: usize,
+}
+
+fn default_cancel_batch_max() -> usize {
+    64
+}
+
+fn default_cancel_batches_in_flight() -> usize {
+    1
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -375,6 +391,12 @@ impl Settings {
                 "consumer.concurrency",
                 "must not exceed consumer.prefetch (extra workers would never get a delivery)",
             );
+        }
+        if self.producer.cancel_batch_max == 0 {
+            return invalid("producer.cancel_batch_max", "must be at least 1");
+        }
+        if self.producer.cancel_batches_in_flight == 0 {
+            return invalid("producer.cancel_batches_in_flight", "must be at least 1");
         }
         if self.consumer.batch_size == 0 {
             return invalid("consumer.batch_size", "must be at least 1");

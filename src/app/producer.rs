@@ -33,7 +33,11 @@ pub async fn run_until_stopped(
 
     tracing::info!(listen = %listener.local_addr()?, broker = %settings.amqp.display_addr_as(&settings.amqp.producer), "order service up");
     let api_shutdown = shutdown.clone();
-    let routes = http::router(api_db).merge(background.observe_routes(&background_db));
+    let batching = http::CancelBatching {
+        max: settings.producer.cancel_batch_max,
+        in_flight: settings.producer.cancel_batches_in_flight,
+    };
+    let routes = http::router(api_db, batching).merge(background.observe_routes(&background_db));
     http::serve(listener, routes, &settings.http, async move {
         api_shutdown.wait().await;
     })

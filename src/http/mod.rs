@@ -3,11 +3,13 @@
 //! parsed into domain values at this boundary; a bad request gets a 4xx with
 //! a message.
 
+mod cancel_queue;
 mod error;
 mod events;
 mod orders;
 mod server;
 
+pub use cancel_queue::{CancelBatching, CancelQueue};
 pub use error::ApiError;
 pub use events::{DEFAULT_LIMIT, EventsPage, MAX_LIMIT, PublishedEvent};
 pub use orders::{MAX_BODY_BYTES, router};

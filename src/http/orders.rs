@@ -14,11 +14,15 @@ use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::ApiError;
+use super::{
+    ApiError,
+    cancel_queue::{CancelBatching, CancelQueue},
+};
 use crate::{
     domain::{AmountCents, CustomerEmail, EventId, Order, OrderId, PaymentId, ShippingAddress},
     store::{
         DbPool,
+        cancel_batch::CancelRequest,
         orders::{self, ChangeOrderError},
         retry_once_if_unavailable,
     },
@@ -30,11 +34,16 @@ use crate::{
 /// `http.max_connections` x 64 KiB in all). axum's default would be 2 MB.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
-pub fn router(db: DbPool) -> Router {
+/// The API with cancels gathered into batches as `batching` says (the
+/// gathering task starts here, on the current runtime).
+pub fn router(db: DbPool, batching: CancelBatching) -> Router {
+    let cancels: Router<DbPool> = Router::new()
+        .route("/orders/{id}/cancel", post(cancel))
+        .with_state(CancelQueue::spawn(db.clone(), batching));
     Router::new()
         .route("/orders", post(create))
         .route("/orders/{id}", get(show))
-        .route("/orders/{id}/cancel", post(cancel))
+        .merge(cancels)
         .route("/orders/{id}/ship", post(ship))
         .route("/orders/{id}/shipping-info", put(change_shipping_info))
         .route("/healthz", get(|| async { "ok" }))
@@ -152,17 +161,18 @@ fn change_error<R: std::fmt::Display>(error: ChangeOrderError<R>) -> ApiError {
 }
 
 async fn cancel(
-    State(db): State<DbPool>,
+    State(cancels): State<CancelQueue>,
     headers: HeaderMap,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<CanceledResponse>, ApiError> {
     let id = parse_id(id)?;
-    let correlation = correlation_id(&headers);
-    let (order, event_id) = retry_once_if_unavailable(&db, async |conn| {
-        orders::cancel(conn, id, Some(&correlation), Utc::now()).await
-    })
-    .await
-    .map_err(change_error)?;
+    let (order, event_id) = cancels
+        .cancel(CancelRequest {
+            id,
+            correlation_id: Some(correlation_id(&headers)),
+        })
+        .await
+        .map_err(change_error)?;
     Ok(Json(CanceledResponse { order, event_id }))
 }
 

@@ -3,6 +3,7 @@
 //!
 //! No broker I/O happens here, and no transaction here ever waits on the broker.
 
+pub mod cancel_batch;
 pub mod dead_letter_actions;
 pub mod event_reader;
 pub mod event_store;

@@ -31,7 +31,7 @@ const CHANGE_ATTEMPTS: usize = 3;
 #[derive(Debug, Clone, Queryable, Selectable, Insertable)]
 #[diesel(table_name = orders)]
 #[diesel(check_for_backend(diesel::pg::Pg))]
-struct OrderRow {
+pub(super) struct OrderRow {
     id: Uuid,
     payment_id: String,
     amount_cents: i64,

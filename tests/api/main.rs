@@ -4,6 +4,7 @@
 
 mod batching;
 mod bench;
+mod cancel_batching;
 mod consumer;
 mod demo;
 mod events;

@@ -545,7 +545,14 @@ async fn a_cancel_whose_session_is_terminated_mid_statement_succeeds() -> anyhow
 /// decided; the version check makes every loser decide again and be refused.
 #[tokio::test]
 async fn concurrent_cancels_of_one_order_raise_one_event() -> anyhow::Result<()> {
-    let env = TestEnv::with(|f| f.merge(Serialized::default("database.pool_size", 8))).await;
+    // Each cancel in a batch of its own, all written at once: the race the
+    // version check settles (cancels in one batch never race each other).
+    let env = TestEnv::with(|f| {
+        f.merge(Serialized::default("database.pool_size", 8))
+            .merge(Serialized::default("producer.cancel_batch_max", 1))
+            .merge(Serialized::default("producer.cancel_batches_in_flight", 5))
+    })
+    .await;
     let api = env.start_producer().await;
     let base = format!("http://{}", api.addr);
     let id = create_order(&base, "pay-concurrent-1").await;

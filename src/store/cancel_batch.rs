@@ -1,0 +1,219 @@
+//! Many cancels in two round trips: one read of every order in the batch and
+//! one statement that writes every change the domain allowed together with
+//! its `OrderCanceled` outbox row. That statement is atomic by itself, so P1
+//! holds for each order as it does in [`orders::cancel`], and the batch costs
+//! the database one commit (one WAL flush) instead of one per order: under
+//! load, the order service's commits were PostgreSQL's largest cost.
+//!
+//! `Order::cancel()` still decides every cancel. An order that another writer
+//! changed between the read and the write, or that appears twice in the
+//! batch, is cancelled again on its own through [`orders::cancel`], which
+//! re-reads and lets the domain decide on what is there now.
+
+use std::collections::{HashMap, HashSet};
+
+use chrono::{DateTime, Utc};
+use diesel::{
+    prelude::*,
+    sql_types::{Array, BigInt, Integer, Jsonb, Nullable, Text, Timestamptz, Uuid as SqlUuid},
+};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use uuid::Uuid;
+
+use super::{
+    StoreError,
+    orders::{self, ChangeOrderError, OrderRow},
+    schema::orders as orders_table,
+};
+use crate::domain::{CancelError, EventId, EventRecord, Order, OrderId};
+
+/// One cancel asked for, with the request id kept as the event's correlation.
+#[derive(Debug, Clone)]
+pub struct CancelRequest {
+    pub id: OrderId,
+    pub correlation_id: Option<String>,
+}
+
+/// What one cancel of a batch came to: what [`orders::cancel`] would have
+/// returned for it alone.
+pub type CancelOutcome = Result<(Order, EventId), ChangeOrderError<CancelError>>;
+
+/// Cancels every order of `requests` as of `now`, one outcome per request in
+/// order. An `Err` means the batch's read or write failed (a broken
+/// connection, when the write's outcome is unknown, as it is for a single
+/// cancel): each request must be answered with that error.
+pub async fn cancel_many(
+    conn: &mut AsyncPgConnection,
+    requests: &[CancelRequest],
+    now: DateTime<Utc>,
+) -> Result<Vec<CancelOutcome>, StoreError> {
+    let mut current = read_many(conn, requests).await?;
+    let mut outcomes: Vec<Option<CancelOutcome>> = Vec::with_capacity(requests.len());
+    let mut writes: Vec<Change> = Vec::new();
+    let mut alone: Vec<usize> = Vec::new();
+    let mut seen = HashSet::new();
+    for (index, request) in requests.iter().enumerate() {
+        if !seen.insert(request.id) {
+            // The first of them decides on the stored order; this one on
+            // what the first left behind, once that is written.
+            alone.push(index);
+            outcomes.push(None);
+            continue;
+        }
+        let Some(order) = current.remove(&request.id) else {
+            outcomes.push(Some(Err(ChangeOrderError::NotFound(request.id))));
+            continue;
+        };
+        let mut order = order;
+        let read_version = order.version;
+        match order.cancel(now) {
+            Err(refused) => outcomes.push(Some(Err(ChangeOrderError::Refused(refused)))),
+            Ok(event) => {
+                let record = event.to_record().map_err(|e| {
+                    StoreError::Query(diesel::result::Error::SerializationError(Box::new(e)))
+                })?;
+                writes.push(Change {
+                    index,
+                    order,
+                    read_version,
+                    event_id: event.event_id,
+                    record,
+                });
+                outcomes.push(None);
+            }
+        }
+    }
+    let written = write_many(conn, requests, &writes).await?;
+    for change in writes {
+        if written.contains(&change.event_id.as_uuid()) {
+            outcomes[change.index] = Some(Ok((change.order, change.event_id)));
+        } else {
+            alone.push(change.index);
+        }
+    }
+    alone.sort_unstable();
+    for index in alone {
+        let request = &requests[index];
+        // The batch's own changes are committed by now: a failure here is
+        // this request's alone.
+        outcomes[index] =
+            Some(orders::cancel(conn, request.id, request.correlation_id.as_deref(), now).await);
+    }
+    Ok(outcomes
+        .into_iter()
+        .map(|o| o.expect("every request of the batch has its outcome"))
+        .collect())
+}
+
+/// A change the domain allowed, waiting to be written.
+struct Change {
+    index: usize,
+    order: Order,
+    read_version: i64,
+    event_id: EventId,
+    record: EventRecord,
+}
+
+async fn read_many(
+    conn: &mut AsyncPgConnection,
+    requests: &[CancelRequest],
+) -> Result<HashMap<OrderId, Order>, StoreError> {
+    let ids: Vec<Uuid> = requests.iter().map(|r| r.id.as_uuid()).collect();
+    let rows: Vec<OrderRow> = orders_table::table
+        .filter(orders_table::id.eq_any(&ids))
+        .select(OrderRow::as_select())
+        .load(conn)
+        .await
+        .map_err(StoreError::classify)?;
+    rows.into_iter()
+        .map(|row| Order::try_from(row).map(|order| (order.id, order)))
+        .collect::<Result<_, _>>()
+        .map_err(StoreError::Query)
+}
+
+#[derive(QueryableByName)]
+struct Written {
+    #[diesel(sql_type = SqlUuid)]
+    event_id: Uuid,
+}
+
+/// Writes every change whose order is still at the version read, with its
+/// event, in one statement; returns the event ids written. The statement's
+/// text never changes with the batch's size (arrays, not a VALUES list), so
+/// it is prepared once per connection.
+async fn write_many(
+    conn: &mut AsyncPgConnection,
+    requests: &[CancelRequest],
+    changes: &[Change],
+) -> Result<HashSet<Uuid>, StoreError> {
+    if changes.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let column = |f: &dyn Fn(&Change) -> i64| changes.iter().map(f).collect::<Vec<i64>>();
+    let ids: Vec<Uuid> = changes.iter().map(|c| c.order.id.as_uuid()).collect();
+    let states: Vec<&str> = changes.iter().map(|c| c.order.state.as_str()).collect();
+    let versions = column(&|c| c.order.version);
+    let updated_at: Vec<DateTime<Utc>> = changes.iter().map(|c| c.order.updated_at).collect();
+    let read_versions = column(&|c| c.read_version);
+    let event_ids: Vec<Uuid> = changes.iter().map(|c| c.event_id.as_uuid()).collect();
+    let event_types: Vec<&str> = changes.iter().map(|c| c.record.event_type).collect();
+    let event_versions: Vec<i32> = changes.iter().map(|c| c.record.event_version).collect();
+    let aggregate_types: Vec<&str> = changes.iter().map(|c| c.record.aggregate_type).collect();
+    let aggregate_ids: Vec<&str> = changes
+        .iter()
+        .map(|c| c.record.aggregate_id.as_str())
+        .collect();
+    let aggregate_versions = column(&|c| c.record.aggregate_version);
+    let payloads: Vec<&serde_json::Value> = changes.iter().map(|c| &c.record.payload).collect();
+    let correlations: Vec<Option<&str>> = changes
+        .iter()
+        .map(|c| requests[c.index].correlation_id.as_deref())
+        .collect();
+    let occurred_at: Vec<DateTime<Utc>> = changes.iter().map(|c| c.record.occurred_at).collect();
+    let publishers: Vec<&str> = changes
+        .iter()
+        .map(|c| c.record.publisher.as_str())
+        .collect();
+    diesel::sql_query(
+        "WITH input AS ( \
+             SELECT * FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::timestamptz[], \
+                                  $5::bigint[], $6::uuid[], $7::text[], $8::int[], $9::text[], \
+                                  $10::text[], $11::bigint[], $12::jsonb[], $13::text[], \
+                                  $14::timestamptz[], $15::text[]) \
+                 WITH ORDINALITY AS i(id, state, version, updated_at, read_version, event_id, \
+                                      event_type, event_version, aggregate_type, aggregate_id, \
+                                      aggregate_version, payload, correlation_id, occurred_at, \
+                                      publisher, n) \
+         ), changed AS ( \
+             UPDATE orders o SET state = i.state, version = i.version, updated_at = i.updated_at \
+             FROM input i WHERE o.id = i.id AND o.version = i.read_version \
+             RETURNING o.id \
+         ) \
+         INSERT INTO outbox (event_id, event_type, event_version, aggregate_type, aggregate_id, \
+                             aggregate_version, payload, correlation_id, occurred_at, publisher) \
+         SELECT i.event_id, i.event_type, i.event_version, i.aggregate_type, i.aggregate_id, \
+                i.aggregate_version, i.payload, i.correlation_id, i.occurred_at, i.publisher \
+         FROM input i JOIN changed c ON c.id = i.id \
+         ORDER BY i.n \
+         RETURNING event_id",
+    )
+    .bind::<Array<SqlUuid>, _>(&ids)
+    .bind::<Array<Text>, _>(&states)
+    .bind::<Array<BigInt>, _>(&versions)
+    .bind::<Array<Timestamptz>, _>(&updated_at)
+    .bind::<Array<BigInt>, _>(&read_versions)
+    .bind::<Array<SqlUuid>, _>(&event_ids)
+    .bind::<Array<Text>, _>(&event_types)
+    .bind::<Array<Integer>, _>(&event_versions)
+    .bind::<Array<Text>, _>(&aggregate_types)
+    .bind::<Array<Text>, _>(&aggregate_ids)
+    .bind::<Array<BigInt>, _>(&aggregate_versions)
+    .bind::<Array<Jsonb>, _>(&payloads)
+    .bind::<Array<Nullable<Text>>, _>(&correlations)
+    .bind::<Array<Timestamptz>, _>(&occurred_at)
+    .bind::<Array<Text>, _>(&publishers)
+    .load::<Written>(conn)
+    .await
+    .map(|rows| rows.into_iter().map(|w| w.event_id).collect())
+    .map_err(StoreError::classify)
+}
