@@ -48,31 +48,35 @@ pub async fn seen_among(
 }
 
 /// Records a batch of messages as processed in one statement and returns the
-/// ids that were new; the others were recorded by a racing duplicate.
+/// ids that were new; the others were recorded by a racing duplicate. The
+/// ids travel as one array, so the statement is the same for every batch
+/// size and is prepared once per connection.
 pub async fn record_many(
     conn: &mut AsyncPgConnection,
     consumer: &str,
     message_ids: &[Uuid],
 ) -> QueryResult<HashSet<Uuid>> {
+    use diesel::sql_types::{Array, Text, Uuid as SqlUuid};
     if message_ids.is_empty() {
         return Ok(HashSet::new());
     }
-    let rows: Vec<_> = message_ids
-        .iter()
-        .map(|id| {
-            (
-                processed_messages::consumer.eq(consumer),
-                processed_messages::message_id.eq(*id),
-            )
-        })
-        .collect();
-    diesel::insert_into(processed_messages::table)
-        .values(rows)
-        .on_conflict_do_nothing()
-        .returning(processed_messages::message_id)
-        .get_results::<Uuid>(conn)
-        .await
-        .map(|ids| ids.into_iter().collect())
+    diesel::sql_query(
+        "INSERT INTO processed_messages (consumer, message_id) \
+         SELECT $1, unnest($2::uuid[]) \
+         ON CONFLICT DO NOTHING \
+         RETURNING message_id",
+    )
+    .bind::<Text, _>(consumer)
+    .bind::<Array<SqlUuid>, _>(message_ids)
+    .load::<Recorded>(conn)
+    .await
+    .map(|rows| rows.into_iter().map(|r| r.message_id).collect())
+}
+
+#[derive(QueryableByName)]
+struct Recorded {
+    #[diesel(sql_type = diesel::sql_types::Uuid)]
+    message_id: Uuid,
 }
 
 pub async fn count(conn: &mut AsyncPgConnection, consumer: &str) -> Result<i64, StoreError> {

@@ -436,22 +436,45 @@ pub async fn record_refund_reports_with_inbox(
                 None => recorded.push(ReportRecorded::Unchanged),
             }
         }
-        for order in changed {
-            let status = held.get(&order).cloned().flatten();
-            diesel::update(orders::table.find(order))
-                .set((
-                    orders::refund_status.eq(status.as_ref().map(RefundStatus::as_str)),
-                    orders::refund_failure_reason
-                        .eq(status.as_ref().and_then(RefundStatus::reason)),
-                    orders::refund_status_at.eq(status.as_ref().map(RefundStatus::at)),
-                ))
-                .execute(conn)
-                .await?;
-        }
+        let statuses: Vec<(Uuid, RefundStatus)> = changed
+            .into_iter()
+            .filter_map(|order| Some((order, held.get(&order).cloned().flatten()?)))
+            .collect();
+        write_refund_statuses(conn, &statuses).await?;
         Ok(recorded)
     })
     .await
     .map_err(StoreError::classify)
+}
+
+/// Sets the refund status of each order in one statement (arrays, so it is
+/// prepared once for every batch size).
+async fn write_refund_statuses(
+    conn: &mut AsyncPgConnection,
+    statuses: &[(Uuid, RefundStatus)],
+) -> QueryResult<()> {
+    use diesel::sql_types::{Array, Nullable, Text, Timestamptz, Uuid as SqlUuid};
+    if statuses.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = statuses.iter().map(|(id, _)| *id).collect();
+    let names: Vec<&str> = statuses.iter().map(|(_, s)| s.as_str()).collect();
+    let reasons: Vec<Option<&str>> = statuses.iter().map(|(_, s)| s.reason()).collect();
+    let at: Vec<DateTime<Utc>> = statuses.iter().map(|(_, s)| s.at()).collect();
+    diesel::sql_query(
+        "UPDATE orders o SET refund_status = s.status, refund_failure_reason = s.reason, \
+                             refund_status_at = s.at \
+         FROM unnest($1::uuid[], $2::text[], $3::text[], $4::timestamptz[]) \
+             AS s(id, status, reason, at) \
+         WHERE o.id = s.id",
+    )
+    .bind::<Array<SqlUuid>, _>(&ids)
+    .bind::<Array<Text>, _>(&names)
+    .bind::<Array<Nullable<Text>>, _>(&reasons)
+    .bind::<Array<Timestamptz>, _>(&at)
+    .execute(conn)
+    .await
+    .map(drop)
 }
 
 /// How many of `order_ids` have each refund status (`none`: no status yet).

@@ -59,37 +59,56 @@ pub async fn due(
 /// Stores events, each under its record's publisher, in one statement. An
 /// event whose id is stored already is left as it is: an event raised again
 /// by a redelivery (its id derived from the redelivered message) is stored
-/// once. Returns how many were new.
+/// once. Returns how many were new. The events travel as arrays, so the
+/// statement is the same for every batch size and is prepared once.
 pub async fn insert(
     conn: &mut AsyncPgConnection,
     events: &[(&EventRecord, Option<&str>)],
 ) -> QueryResult<usize> {
+    use diesel::sql_types::{Array, BigInt, Integer, Jsonb, Nullable, Text, Timestamptz};
     if events.is_empty() {
         return Ok(0);
     }
-    let rows: Vec<_> = events
-        .iter()
-        .map(|(event, correlation_id)| {
-            (
-                outbox::event_id.eq(event.event_id.as_uuid()),
-                outbox::publisher.eq(event.publisher.as_str()),
-                outbox::event_type.eq(event.event_type),
-                outbox::event_version.eq(event.event_version),
-                outbox::aggregate_type.eq(event.aggregate_type),
-                outbox::aggregate_id.eq(&event.aggregate_id),
-                outbox::aggregate_version.eq(event.aggregate_version),
-                outbox::payload.eq(&event.payload),
-                outbox::correlation_id.eq(*correlation_id),
-                outbox::occurred_at.eq(event.occurred_at),
-            )
-        })
-        .collect();
-    diesel::insert_into(outbox::table)
-        .values(rows)
-        .on_conflict(outbox::event_id)
-        .do_nothing()
-        .execute(conn)
-        .await
+    let field = |f: &dyn Fn(&EventRecord) -> &str| -> Vec<String> {
+        events.iter().map(|(e, _)| f(e).to_owned()).collect()
+    };
+    let event_ids: Vec<Uuid> = events.iter().map(|(e, _)| e.event_id.as_uuid()).collect();
+    let publishers = field(&|e| e.publisher.as_str());
+    let event_types = field(&|e| e.event_type);
+    let event_versions: Vec<i32> = events.iter().map(|(e, _)| e.event_version).collect();
+    let aggregate_types = field(&|e| e.aggregate_type);
+    let aggregate_ids = field(&|e| &e.aggregate_id);
+    let aggregate_versions: Vec<i64> = events.iter().map(|(e, _)| e.aggregate_version).collect();
+    let payloads: Vec<&serde_json::Value> = events.iter().map(|(e, _)| &e.payload).collect();
+    let correlations: Vec<Option<&str>> = events.iter().map(|(_, c)| *c).collect();
+    let occurred_at: Vec<DateTime<Utc>> = events.iter().map(|(e, _)| e.occurred_at).collect();
+    diesel::sql_query(
+        "INSERT INTO outbox (event_id, publisher, event_type, event_version, aggregate_type, \
+                             aggregate_id, aggregate_version, payload, correlation_id, \
+                             occurred_at) \
+         SELECT e.event_id, e.publisher, e.event_type, e.event_version, e.aggregate_type, \
+                e.aggregate_id, e.aggregate_version, e.payload, e.correlation_id, \
+                e.occurred_at \
+         FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int[], $5::text[], $6::text[], \
+                     $7::bigint[], $8::jsonb[], $9::text[], $10::timestamptz[]) \
+             WITH ORDINALITY AS e(event_id, publisher, event_type, event_version, \
+                                  aggregate_type, aggregate_id, aggregate_version, payload, \
+                                  correlation_id, occurred_at, n) \
+         ORDER BY e.n \
+         ON CONFLICT (event_id) DO NOTHING",
+    )
+    .bind::<Array<diesel::sql_types::Uuid>, _>(&event_ids)
+    .bind::<Array<Text>, _>(&publishers)
+    .bind::<Array<Text>, _>(&event_types)
+    .bind::<Array<Integer>, _>(&event_versions)
+    .bind::<Array<Text>, _>(&aggregate_types)
+    .bind::<Array<Text>, _>(&aggregate_ids)
+    .bind::<Array<BigInt>, _>(&aggregate_versions)
+    .bind::<Array<Jsonb>, _>(&payloads)
+    .bind::<Array<Nullable<Text>>, _>(&correlations)
+    .bind::<Array<Timestamptz>, _>(&occurred_at)
+    .execute(conn)
+    .await
 }
 
 /// Marks rows published; only rows still pending are touched, so a row is

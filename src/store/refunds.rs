@@ -90,19 +90,7 @@ pub async fn record_batch_with_inbox(
             .map(|r| &r.row)
             .filter(|r| new.contains(&r.event_id))
             .collect();
-        let inserted: HashSet<Uuid> = if fresh.is_empty() {
-            HashSet::new()
-        } else {
-            diesel::insert_into(refunds::table)
-                .values(fresh)
-                .on_conflict(refunds::order_id)
-                .do_nothing()
-                .returning(refunds::event_id)
-                .get_results::<Uuid>(conn)
-                .await?
-                .into_iter()
-                .collect()
-        };
+        let inserted = insert_fresh(conn, &fresh).await?;
         // Each refund's event names the request it answers as its correlation.
         let asked_by: Vec<String> = refunds.iter().map(|r| r.row.event_id.to_string()).collect();
         let completed: Vec<_> = refunds
@@ -131,6 +119,49 @@ pub async fn record_batch_with_inbox(
     })
     .await
     .map_err(StoreError::classify)
+}
+
+#[derive(QueryableByName)]
+struct Inserted {
+    #[diesel(sql_type = diesel::sql_types::Uuid)]
+    event_id: Uuid,
+}
+
+/// Inserts the refunds whose order has none yet and returns their event ids;
+/// one statement with the rows as arrays, prepared once for every batch size.
+async fn insert_fresh(
+    conn: &mut AsyncPgConnection,
+    fresh: &[&RefundRow],
+) -> QueryResult<HashSet<Uuid>> {
+    use diesel::sql_types::{Array, BigInt, Text, Timestamptz, Uuid as SqlUuid};
+    if fresh.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let uuids = |f: &dyn Fn(&RefundRow) -> Uuid| fresh.iter().map(|r| f(r)).collect::<Vec<_>>();
+    let texts = |f: &dyn Fn(&RefundRow) -> &str| fresh.iter().map(|r| f(r)).collect::<Vec<_>>();
+    let times =
+        |f: &dyn Fn(&RefundRow) -> DateTime<Utc>| fresh.iter().map(|r| f(r)).collect::<Vec<_>>();
+    let amounts: Vec<i64> = fresh.iter().map(|r| r.amount_cents).collect();
+    diesel::sql_query(
+        "INSERT INTO refunds (id, order_id, event_id, payment_id, amount_cents, \
+                              gateway_refund_id, status, created_at, updated_at) \
+         SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::bigint[], \
+                              $6::text[], $7::text[], $8::timestamptz[], $9::timestamptz[]) \
+         ON CONFLICT (order_id) DO NOTHING \
+         RETURNING event_id",
+    )
+    .bind::<Array<SqlUuid>, _>(uuids(&|r| r.id))
+    .bind::<Array<SqlUuid>, _>(uuids(&|r| r.order_id))
+    .bind::<Array<SqlUuid>, _>(uuids(&|r| r.event_id))
+    .bind::<Array<Text>, _>(texts(&|r| &r.payment_id))
+    .bind::<Array<BigInt>, _>(amounts)
+    .bind::<Array<Text>, _>(texts(&|r| &r.gateway_refund_id))
+    .bind::<Array<Text>, _>(texts(&|r| &r.status))
+    .bind::<Array<Timestamptz>, _>(times(&|r| r.created_at))
+    .bind::<Array<Timestamptz>, _>(times(&|r| r.updated_at))
+    .load::<Inserted>(conn)
+    .await
+    .map(|rows| rows.into_iter().map(|r| r.event_id).collect())
 }
 
 pub async fn all(conn: &mut AsyncPgConnection) -> Result<Vec<RefundRow>, StoreError> {
