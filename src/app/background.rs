@@ -76,7 +76,7 @@ impl Background {
                 app_id(process),
             ));
             relays.push((publisher, relay.stats()));
-            let run = relay.run(settings.database.url(), shutdown.clone());
+            let run = relay.run(shutdown.clone());
             tasks.spawn(watched(refused.clone(), async move {
                 match run.await {
                     Err(RelayError::AccessRefused(detail)) => Some(detail),

@@ -53,6 +53,21 @@ pub async fn place_orders(
     placed.into_iter().collect()
 }
 
+/// Gives the planner statistics of the tables as they are now, before a
+/// timed part. A database in service has them (autovacuum keeps them); the
+/// bench's is minutes old, and autovacuum's first look (a minute after the
+/// tables filled) came in the middle of the timed runs, so every statement
+/// ran on plans made for empty tables: hashed seq scans of all refunds for
+/// each batch's order lookup, inbox checks walking every row of a consumer.
+/// Each repetition was slower than the one before (953 -> 774 -> 469
+/// orders/s in one run) and measured the planner's ignorance, not courier.
+pub async fn analyze(db: &DbPool) -> anyhow::Result<()> {
+    use diesel_async::RunQueryDsl;
+    let mut conn = db.get().await?;
+    diesel::sql_query("ANALYZE").execute(&mut conn).await?;
+    Ok(())
+}
+
 /// What the clients saw.
 #[derive(Debug, Clone, Default)]
 pub struct Sent {

@@ -127,6 +127,7 @@ pub async fn run(
     arrivals: Arrivals,
 ) -> anyhow::Result<RunFigures> {
     let orders = load::place_orders(&target.db, count, 16).await?;
+    load::analyze(&target.db).await?;
     let http = load::http_client()?;
     // Backends report their counters when idle, at most once a second: let
     // the placing settle before the baseline.
@@ -238,6 +239,7 @@ pub async fn backlog(
 ) -> anyhow::Result<DrainFigures> {
     courier.stop_consumer().await;
     let orders = load::place_orders(db, count, 16).await?;
+    load::analyze(db).await?;
     let http = load::http_client()?;
     let sent = load::cancel_closed_loop(&http, &courier.api_url, &orders, clients).await;
     if sent.failures > 0 {

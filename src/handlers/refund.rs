@@ -160,6 +160,7 @@ impl RefundHandler {
         outbox::insert(&mut conn, &[(&failed, Some(asked_by.as_str()))])
             .await
             .map_err(StoreError::classify)?;
+        crate::outbox::wake::rows_committed(failed.publisher);
         Ok(())
     }
 

@@ -6,6 +6,7 @@ pub mod backoff;
 pub mod prune;
 pub mod relay;
 pub mod stats;
+pub mod wake;
 
 pub use relay::{Relay, RelayError, RelayOutcome};
 pub use stats::RelayStats;

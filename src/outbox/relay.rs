@@ -7,24 +7,27 @@
 //! A relay publishes one publisher's rows to that publisher's exchange: the
 //! order service runs the `orders` relay, the consumer the `refunds` relay.
 //!
-//! [`Relay::relay_once`] is one step, for tests; [`Relay::run`] loops, woken by
-//! `LISTEN outbox_<publisher>` and polling as a fallback.
+//! [`Relay::relay_once`] is one step, for tests; [`Relay::run`] loops, woken
+//! when its process commits outbox rows ([`super::wake`]) and polling for
+//! the rest.
 
 use std::{sync::Arc, time::Duration};
 
 use chrono::Utc;
-use diesel_async::{AsyncPgConnection, RunQueryDsl};
-use futures_util::{StreamExt, future::join_all};
-use tokio::sync::{Mutex, Notify};
+use futures_util::future::join_all;
+use tokio::sync::{Mutex, watch};
 
-use super::backoff::{delay_after, reconnect_delay};
+use super::{
+    backoff::{delay_after, reconnect_delay},
+    wake,
+};
 use crate::{
     amqp::{BrokerPool, ConfirmedPublisher, PublishError, Topology, access_refused, envelope},
     config::RelaySettings,
     domain::Publisher,
     faults::{CrashPoint, crash_point},
     shutdown::Shutdown,
-    store::{self, DbPool, StoreError, outbox},
+    store::{DbPool, StoreError, outbox},
 };
 
 use super::RelayStats;
@@ -253,30 +256,23 @@ impl Relay {
         })
     }
 
-    /// Relays until `shutdown`: drains while there is work, then waits for a
-    /// NOTIFY or the poll interval. A step in progress always finishes, so no
+    /// Relays until `shutdown`: drains while there is work, then waits until
+    /// this process commits rows of this publisher ([`super::wake`]) or the
+    /// poll interval passes. A step in progress always finishes, so no
     /// confirmed publish is left unmarked by shutdown itself. Returns early
     /// only when the broker refuses our user: the one error no wait heals.
-    pub async fn run(
-        self: Arc<Self>,
-        database_url: String,
-        shutdown: Shutdown,
-    ) -> Result<(), RelayError> {
-        let wake = Arc::new(Notify::new());
-        let channel = format!("outbox_{}", self.source.as_str());
-        let listener = tokio::spawn(listen(
-            database_url,
-            channel,
-            wake.clone(),
-            shutdown.clone(),
-        ));
-        let result = self.relay_until(&wake, &shutdown).await;
-        listener.abort();
+    pub async fn run(self: Arc<Self>, shutdown: Shutdown) -> Result<(), RelayError> {
+        let mut written = wake::subscribe(self.source);
+        let result = self.relay_until(&mut written, &shutdown).await;
         tracing::info!(publisher = self.source.as_str(), "relay stopped");
         result
     }
 
-    async fn relay_until(&self, wake: &Notify, shutdown: &Shutdown) -> Result<(), RelayError> {
+    async fn relay_until(
+        &self,
+        written: &mut watch::Receiver<u64>,
+        shutdown: &Shutdown,
+    ) -> Result<(), RelayError> {
         match self.connect().await {
             Err(error @ RelayError::AccessRefused(_)) => return Err(error),
             Err(error) => {
@@ -291,7 +287,7 @@ impl Relay {
                     failures = 0;
                     tracing::debug!(published, failed, "relay step");
                     // A full batch means more is waiting: go again at once.
-                    // Otherwise wait for the next NOTIFY (one that arrived
+                    // Otherwise wait for the next commit (one that came
                     // during this step is kept, so it returns at once):
                     // under load that gathers many commits into one step
                     // instead of one query per row. When everything due
@@ -299,12 +295,12 @@ impl Relay {
                     let full = i64::try_from(published + failed)
                         .is_ok_and(|n| n >= self.settings.batch_size);
                     if !full {
-                        wait(wake, self.settings.poll_interval, shutdown).await;
+                        wait(written, self.settings.poll_interval, shutdown).await;
                     }
                 }
                 Ok(RelayOutcome::Idle) => {
                     failures = 0;
-                    wait(wake, self.settings.poll_interval, shutdown).await;
+                    wait(written, self.settings.poll_interval, shutdown).await;
                 }
                 Err(error @ RelayError::AccessRefused(_)) => return Err(error),
                 Err(error) => {
@@ -321,57 +317,11 @@ impl Relay {
     }
 }
 
-async fn wait(wake: &Notify, poll_interval: Duration, shutdown: &Shutdown) {
+async fn wait(written: &mut watch::Receiver<u64>, poll_interval: Duration, shutdown: &Shutdown) {
     tokio::select! {
-        () = wake.notified() => {}
+        // The senders are static: `changed` cannot fail.
+        _ = written.changed() => {}
         () = tokio::time::sleep(poll_interval) => {}
         () = shutdown.wait() => {}
-    }
-}
-
-/// Holds a dedicated `LISTEN <channel>` connection and wakes the relay on
-/// every notification; reconnects when the connection dies. Polling covers
-/// any gap.
-async fn listen(database_url: String, channel: String, wake: Arc<Notify>, shutdown: Shutdown) {
-    let mut failures = 0u32;
-    while !shutdown.is_triggered() {
-        match listen_once(&database_url, &channel, &wake).await {
-            Ok(()) => {}
-            Err(error) => {
-                if failures == 0 {
-                    tracing::warn!(%error, "outbox LISTEN connection lost; relying on polling until it is back");
-                }
-                failures = failures.saturating_add(1);
-                let delay = reconnect_delay(failures);
-                shutdown.sleep(delay).await;
-            }
-        }
-    }
-}
-
-async fn listen_once(database_url: &str, channel: &str, wake: &Notify) -> Result<(), StoreError> {
-    let mut conn: AsyncPgConnection = store::connect(database_url).await?;
-    // The channel is ours (`outbox_<publisher>`), never a caller's text.
-    diesel::sql_query(format!("LISTEN {channel}"))
-        .execute(&mut conn)
-        .await
-        .map_err(StoreError::classify)?;
-    loop {
-        let next = {
-            let mut stream = std::pin::pin!(conn.notifications_stream());
-            tokio::time::timeout(Duration::from_secs(15), stream.next()).await
-        };
-        match next {
-            Ok(Some(Ok(_))) => wake.notify_one(),
-            Ok(Some(Err(error))) => return Err(StoreError::classify(error)),
-            Ok(None) => return Err(StoreError::Unavailable("notification stream ended".into())),
-            // Quiet for a while: make sure the connection is still alive.
-            Err(_) => {
-                diesel::sql_query("SELECT 1")
-                    .execute(&mut conn)
-                    .await
-                    .map_err(StoreError::classify)?;
-            }
-        }
     }
 }

@@ -84,6 +84,10 @@ pub async fn cancel_many(
         }
     }
     let written = write_many(conn, requests, &writes).await?;
+    if !written.is_empty() {
+        // One statement, committed by now.
+        crate::outbox::wake::rows_committed(crate::domain::Publisher::Orders);
+    }
     for change in writes {
         if written.contains(&change.event_id.as_uuid()) {
             outcomes[change.index] = Some(Ok((change.order, change.event_id)));

@@ -200,7 +200,7 @@ async fn read<R>(conn: &mut AsyncPgConnection, id: OrderId) -> Result<Order, Cha
 /// updated_at: never the refund status, which is not the order's own and
 /// moves without the version, so a stale read cannot undo it) and inserts
 /// `event`, in one statement (atomic by itself, so P1 holds without
-/// BEGIN/COMMIT; the outbox trigger's NOTIFY fires at its commit), if the
+/// BEGIN/COMMIT; the relay of this process is woken after it), if the
 /// order is still at `read_version`. Returns whether it was.
 async fn write_with_event(
     conn: &mut AsyncPgConnection,
@@ -239,6 +239,11 @@ async fn write_with_event(
     .bind::<Text, _>(event.publisher.as_str())
     .execute(conn)
     .await?;
+    if inserted == 1 {
+        // One statement, so committed by now (unless a caller wrapped it in
+        // a transaction: then the relay's poll finds the row).
+        crate::outbox::wake::rows_committed(event.publisher);
+    }
     Ok(inserted == 1)
 }
 

@@ -119,6 +119,11 @@ pub async fn record_batch_with_inbox(
     })
     .await
     .map_err(StoreError::classify)
+    .inspect(|recorded| {
+        if recorded.refunds.contains(&Recorded::New) {
+            crate::outbox::wake::rows_committed(crate::domain::Publisher::Refunds);
+        }
+    })
 }
 
 #[derive(QueryableByName)]

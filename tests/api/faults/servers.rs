@@ -129,11 +129,11 @@ async fn database_restarted_mid_run_pauses_and_resumes_without_dead_letters() {
     let postmaster = pg.postmaster_pid();
 
     pg.stop().await;
-    // The database stays down until the producer has noticed: its LISTEN
-    // session was one of those the shutdown ended.
+    // The database stays down until the producer has noticed: its relay's
+    // next poll finds its pooled session ended by the shutdown.
     run.wait_for_log(
         PRODUCER,
-        "outbox LISTEN connection lost",
+        "relay paused",
         "the producer never noticed the database going away",
     )
     .await;
