@@ -105,7 +105,12 @@ pub async fn cancel_many(
     }
     Ok(outcomes
         .into_iter()
-        .map(|o| o.expect("every request of the batch has its outcome"))
+        .zip(requests)
+        .map(|(outcome, request)| {
+            // Every index was given its outcome above; should one be missing,
+            // its caller is told the truth: nothing is known of its cancel.
+            outcome.unwrap_or(Err(ChangeOrderError::Contended(request.id)))
+        })
         .collect())
 }
 
