@@ -29,10 +29,13 @@ pub enum CrashPoint {
     MidConfirms,
     /// Relay: the broker confirmed, the rows are not marked yet.
     AfterConfirmBeforeMark,
+    /// Order service: a batch of cancels committed, none of its requests
+    /// answered yet.
+    AfterCancelBatchCommit,
 }
 
 impl CrashPoint {
-    pub const ALL: [CrashPoint; 7] = [
+    pub const ALL: [CrashPoint; 8] = [
         Self::AfterGatewayCall,
         Self::AfterCommit,
         Self::AfterBatchCommit,
@@ -40,6 +43,7 @@ impl CrashPoint {
         Self::AfterPublishBeforeConfirm,
         Self::MidConfirms,
         Self::AfterConfirmBeforeMark,
+        Self::AfterCancelBatchCommit,
     ];
 
     pub fn name(&self) -> &'static str {
@@ -51,6 +55,7 @@ impl CrashPoint {
             Self::AfterPublishBeforeConfirm => "after-publish-before-confirm",
             Self::MidConfirms => "mid-confirms",
             Self::AfterConfirmBeforeMark => "after-confirm-before-mark",
+            Self::AfterCancelBatchCommit => "after-cancel-batch-commit",
         }
     }
 

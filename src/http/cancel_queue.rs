@@ -13,6 +13,7 @@ use std::sync::Arc;
 use chrono::Utc;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
+use crate::faults::{CrashPoint, crash_point};
 use crate::store::{
     DbPool, StoreError,
     cancel_batch::{self, CancelOutcome, CancelRequest},
@@ -115,6 +116,7 @@ async fn write(db: &DbPool, batch: Vec<Pending>) {
     .await;
     match result {
         Ok(outcomes) => {
+            crash_point(CrashPoint::AfterCancelBatchCommit);
             for (reply, outcome) in replies.into_iter().zip(outcomes) {
                 // A client that went away still had its cancel written.
                 let _ = reply.send(outcome);

@@ -289,3 +289,63 @@ async fn shipping_sync_converges_when_killed_after_a_batch_commit_before_its_ack
         "the committed batch did not come back, so its acks were not what was lost"
     );
 }
+
+/// Twenty cancels sent at once: the first is written alone and answered,
+/// the other nineteen gather behind it into the next batch, and the order
+/// service aborts right after that batch commits, answering none of it. The
+/// committed cancels have their events relayed by the next life (nobody
+/// signals it; its poll finds them), the clients' retries get 409, and every
+/// order is refunded once.
+#[tokio::test]
+async fn cancels_committed_in_a_batch_before_a_crash_are_refunded_once() {
+    let mut run = Run::new(|f| f).await;
+    run.set_env(
+        PRODUCER,
+        &[
+            ("COURIER_CRASH_AT", CrashPoint::AfterCancelBatchCommit.name()),
+            ("COURIER_CRASH_AFTER", "2"),
+        ],
+    );
+    run.start_all().await;
+    let orders = run.change_addresses(ORDERS, 0, "pay-cancel-batch").await;
+    let http = reqwest::Client::new();
+    let listen = run.settings.producer.listen;
+    let answers = futures_util::future::join_all(orders.iter().map(|id| {
+        http.post(format!("http://{listen}/orders/{id}/cancel"))
+            .send()
+    }))
+    .await;
+    run.wait_for_log(
+        PRODUCER,
+        "crash point `after-cancel-batch-commit` reached",
+        "no cancel batch ever committed, so the fault did not hit",
+    )
+    .await;
+    let unanswered: Vec<_> = orders
+        .iter()
+        .zip(&answers)
+        .filter(|(_, answer)| !matches!(answer, Ok(r) if r.status().as_u16() == 200))
+        .map(|(id, _)| format!("'{id}'"))
+        .collect();
+    let committed_unanswered = run
+        .env
+        .count(&format!(
+            "SELECT count(*) FROM orders WHERE state = 'canceled' AND id IN ({})",
+            if unanswered.is_empty() { "NULL".to_owned() } else { unanswered.join(",") }
+        ))
+        .await;
+    assert!(
+        committed_unanswered >= 2,
+        "the crash did not land on a committed batch of several cancels: \
+         {committed_unanswered} of {} unanswered cancels were committed",
+        unanswered.len()
+    );
+    for id in &orders {
+        // 409 "already canceled": the batch committed before the crash.
+        run.post_retrying(&format!("/orders/{id}/cancel"), None, &[200, 409])
+            .await;
+    }
+    let scope: HashSet<_> = orders.into_iter().collect();
+    let report = run.settle(&scope, SETTLE).await;
+    assert_survived(&run, &report, PRODUCER, "order service killed after a cancel batch commit");
+}

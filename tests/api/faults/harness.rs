@@ -302,7 +302,7 @@ impl Run {
         ids
     }
 
-    async fn post_retrying(
+    pub async fn post_retrying(
         &mut self,
         path: &str,
         body: Option<&serde_json::Value>,
