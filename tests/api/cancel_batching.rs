@@ -70,19 +70,8 @@ async fn cancels_that_arrive_together_commit_together_and_each_gets_its_own_answ
         let queue = queue.clone();
         async move { queue.cancel(request(blocker.id)).await }
     });
-    wait_until(
-        "the first batch waits for the order's row lock",
-        Duration::from_secs(10),
-        async || {
-            env.count(
-                "SELECT count(*) FROM pg_stat_activity \
-                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
-            )
-            .await
-                == 1
-        },
-    )
-    .await;
+    env.wait_for_lock_waiters(1, "the first batch waits for the order's row lock")
+        .await;
 
     let asked: Vec<OrderId> = placed
         .iter()

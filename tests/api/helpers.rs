@@ -254,6 +254,19 @@ impl TestEnv {
         .1
     }
 
+    /// Waits until `n` sessions of the test's database wait for a lock.
+    pub async fn wait_for_lock_waiters(&self, n: i64, what: &str) {
+        wait_until(what, Duration::from_secs(10), async || {
+            self.count(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .await
+                == n
+        })
+        .await;
+    }
+
     /// The outbox rows of one event type, in id order.
     pub async fn outbox_rows(&self, event_type: &str) -> Vec<store::outbox::OutboxRow> {
         use courier::store::schema::outbox;

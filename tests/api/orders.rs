@@ -497,17 +497,9 @@ async fn post_while_order_is_locked(
         .map(|action| tokio::spawn(post(format!("{base}/orders/{id}/{action}"), None)))
         .collect();
     let waiting = i64::try_from(actions.len())?;
-    wait_until(
+    env.wait_for_lock_waiters(
+        waiting,
         &format!("{waiting} requests wait for the order's row lock"),
-        Duration::from_secs(10),
-        async || {
-            env.count(
-                "SELECT count(*) FROM pg_stat_activity \
-                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
-            )
-            .await
-                == waiting
-        },
     )
     .await;
     Ok((holder, requests))

@@ -302,7 +302,10 @@ async fn cancels_committed_in_a_batch_before_a_crash_are_refunded_once() {
     run.set_env(
         PRODUCER,
         &[
-            ("COURIER_CRASH_AT", CrashPoint::AfterCancelBatchCommit.name()),
+            (
+                "COURIER_CRASH_AT",
+                CrashPoint::AfterCancelBatchCommit.name(),
+            ),
             ("COURIER_CRASH_AFTER", "2"),
         ],
     );
@@ -331,7 +334,11 @@ async fn cancels_committed_in_a_batch_before_a_crash_are_refunded_once() {
         .env
         .count(&format!(
             "SELECT count(*) FROM orders WHERE state = 'canceled' AND id IN ({})",
-            if unanswered.is_empty() { "NULL".to_owned() } else { unanswered.join(",") }
+            if unanswered.is_empty() {
+                "NULL".to_owned()
+            } else {
+                unanswered.join(",")
+            }
         ))
         .await;
     assert!(
@@ -347,5 +354,10 @@ async fn cancels_committed_in_a_batch_before_a_crash_are_refunded_once() {
     }
     let scope: HashSet<_> = orders.into_iter().collect();
     let report = run.settle(&scope, SETTLE).await;
-    assert_survived(&run, &report, PRODUCER, "order service killed after a cancel batch commit");
+    assert_survived(
+        &run,
+        &report,
+        PRODUCER,
+        "order service killed after a cancel batch commit",
+    );
 }
