@@ -1,8 +1,6 @@
 //! P1: an order change and its event commit together or not at all; the
 //! order API's answers.
 
-use std::time::Duration;
-
 use courier::{
     domain::OrderState,
     store::{self, orders::ChangeOrderError},
@@ -12,7 +10,7 @@ use figment::providers::Serialized;
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 
-use crate::helpers::{Service, TestEnv, wait_until};
+use crate::helpers::{Service, TestEnv};
 
 #[tokio::test]
 async fn an_order_and_its_event_commit_together() {
