@@ -23,6 +23,7 @@ use uuid::Uuid;
 use super::{
     StoreError,
     orders::{self, ChangeOrderError, OrderRow},
+    outbox::EventColumns,
     schema::orders as orders_table,
 };
 use crate::domain::{CancelError, EventId, EventRecord, Order, OrderId};
@@ -76,7 +77,6 @@ pub async fn cancel_many(
                     index,
                     order,
                     read_version,
-                    event_id: event.event_id,
                     record,
                 });
                 outcomes.push(None);
@@ -89,8 +89,9 @@ pub async fn cancel_many(
         crate::outbox::wake::rows_committed(crate::domain::Publisher::Orders);
     }
     for change in writes {
-        if written.contains(&change.event_id.as_uuid()) {
-            outcomes[change.index] = Some(Ok((change.order, change.event_id)));
+        let event_id = change.record.event_id;
+        if written.contains(&event_id.as_uuid()) {
+            outcomes[change.index] = Some(Ok((change.order, event_id)));
         } else {
             alone.push(change.index);
         }
@@ -119,7 +120,6 @@ struct Change {
     index: usize,
     order: Order,
     read_version: i64,
-    event_id: EventId,
     record: EventRecord,
 }
 
@@ -158,31 +158,16 @@ async fn write_many(
     if changes.is_empty() {
         return Ok(HashSet::new());
     }
-    let column = |f: &dyn Fn(&Change) -> i64| changes.iter().map(f).collect::<Vec<i64>>();
     let ids: Vec<Uuid> = changes.iter().map(|c| c.order.id.as_uuid()).collect();
     let states: Vec<&str> = changes.iter().map(|c| c.order.state.as_str()).collect();
-    let versions = column(&|c| c.order.version);
+    let versions: Vec<i64> = changes.iter().map(|c| c.order.version).collect();
     let updated_at: Vec<DateTime<Utc>> = changes.iter().map(|c| c.order.updated_at).collect();
-    let read_versions = column(&|c| c.read_version);
-    let event_ids: Vec<Uuid> = changes.iter().map(|c| c.event_id.as_uuid()).collect();
-    let event_types: Vec<&str> = changes.iter().map(|c| c.record.event_type).collect();
-    let event_versions: Vec<i32> = changes.iter().map(|c| c.record.event_version).collect();
-    let aggregate_types: Vec<&str> = changes.iter().map(|c| c.record.aggregate_type).collect();
-    let aggregate_ids: Vec<&str> = changes
-        .iter()
-        .map(|c| c.record.aggregate_id.as_str())
-        .collect();
-    let aggregate_versions = column(&|c| c.record.aggregate_version);
-    let payloads: Vec<&serde_json::Value> = changes.iter().map(|c| &c.record.payload).collect();
-    let correlations: Vec<Option<&str>> = changes
-        .iter()
-        .map(|c| requests[c.index].correlation_id.as_deref())
-        .collect();
-    let occurred_at: Vec<DateTime<Utc>> = changes.iter().map(|c| c.record.occurred_at).collect();
-    let publishers: Vec<&str> = changes
-        .iter()
-        .map(|c| c.record.publisher.as_str())
-        .collect();
+    let read_versions: Vec<i64> = changes.iter().map(|c| c.read_version).collect();
+    let e = EventColumns::of(
+        changes
+            .iter()
+            .map(|c| (&c.record, requests[c.index].correlation_id.as_deref())),
+    );
     diesel::sql_query(
         "WITH input AS ( \
              SELECT * FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::timestamptz[], \
@@ -211,16 +196,16 @@ async fn write_many(
     .bind::<Array<BigInt>, _>(&versions)
     .bind::<Array<Timestamptz>, _>(&updated_at)
     .bind::<Array<BigInt>, _>(&read_versions)
-    .bind::<Array<SqlUuid>, _>(&event_ids)
-    .bind::<Array<Text>, _>(&event_types)
-    .bind::<Array<Integer>, _>(&event_versions)
-    .bind::<Array<Text>, _>(&aggregate_types)
-    .bind::<Array<Text>, _>(&aggregate_ids)
-    .bind::<Array<BigInt>, _>(&aggregate_versions)
-    .bind::<Array<Jsonb>, _>(&payloads)
-    .bind::<Array<Nullable<Text>>, _>(&correlations)
-    .bind::<Array<Timestamptz>, _>(&occurred_at)
-    .bind::<Array<Text>, _>(&publishers)
+    .bind::<Array<SqlUuid>, _>(&e.event_ids)
+    .bind::<Array<Text>, _>(&e.event_types)
+    .bind::<Array<Integer>, _>(&e.event_versions)
+    .bind::<Array<Text>, _>(&e.aggregate_types)
+    .bind::<Array<Text>, _>(&e.aggregate_ids)
+    .bind::<Array<BigInt>, _>(&e.aggregate_versions)
+    .bind::<Array<Jsonb>, _>(&e.payloads)
+    .bind::<Array<Nullable<Text>>, _>(&e.correlation_ids)
+    .bind::<Array<Timestamptz>, _>(&e.occurred_at)
+    .bind::<Array<Text>, _>(&e.publishers)
     .load::<Written>(conn)
     .await
     .map(|rows| rows.into_iter().map(|w| w.event_id).collect())

@@ -69,19 +69,7 @@ pub async fn insert(
     if events.is_empty() {
         return Ok(0);
     }
-    let field = |f: &dyn Fn(&EventRecord) -> &str| -> Vec<String> {
-        events.iter().map(|(e, _)| f(e).to_owned()).collect()
-    };
-    let event_ids: Vec<Uuid> = events.iter().map(|(e, _)| e.event_id.as_uuid()).collect();
-    let publishers = field(&|e| e.publisher.as_str());
-    let event_types = field(&|e| e.event_type);
-    let event_versions: Vec<i32> = events.iter().map(|(e, _)| e.event_version).collect();
-    let aggregate_types = field(&|e| e.aggregate_type);
-    let aggregate_ids = field(&|e| &e.aggregate_id);
-    let aggregate_versions: Vec<i64> = events.iter().map(|(e, _)| e.aggregate_version).collect();
-    let payloads: Vec<&serde_json::Value> = events.iter().map(|(e, _)| &e.payload).collect();
-    let correlations: Vec<Option<&str>> = events.iter().map(|(_, c)| *c).collect();
-    let occurred_at: Vec<DateTime<Utc>> = events.iter().map(|(e, _)| e.occurred_at).collect();
+    let e = EventColumns::of(events.iter().copied());
     diesel::sql_query(
         "INSERT INTO outbox (event_id, publisher, event_type, event_version, aggregate_type, \
                              aggregate_id, aggregate_version, payload, correlation_id, \
@@ -97,18 +85,68 @@ pub async fn insert(
          ORDER BY e.n \
          ON CONFLICT (event_id) DO NOTHING",
     )
-    .bind::<Array<diesel::sql_types::Uuid>, _>(&event_ids)
-    .bind::<Array<Text>, _>(&publishers)
-    .bind::<Array<Text>, _>(&event_types)
-    .bind::<Array<Integer>, _>(&event_versions)
-    .bind::<Array<Text>, _>(&aggregate_types)
-    .bind::<Array<Text>, _>(&aggregate_ids)
-    .bind::<Array<BigInt>, _>(&aggregate_versions)
-    .bind::<Array<Jsonb>, _>(&payloads)
-    .bind::<Array<Nullable<Text>>, _>(&correlations)
-    .bind::<Array<Timestamptz>, _>(&occurred_at)
+    .bind::<Array<diesel::sql_types::Uuid>, _>(&e.event_ids)
+    .bind::<Array<Text>, _>(&e.publishers)
+    .bind::<Array<Text>, _>(&e.event_types)
+    .bind::<Array<Integer>, _>(&e.event_versions)
+    .bind::<Array<Text>, _>(&e.aggregate_types)
+    .bind::<Array<Text>, _>(&e.aggregate_ids)
+    .bind::<Array<BigInt>, _>(&e.aggregate_versions)
+    .bind::<Array<Jsonb>, _>(&e.payloads)
+    .bind::<Array<Nullable<Text>>, _>(&e.correlation_ids)
+    .bind::<Array<Timestamptz>, _>(&e.occurred_at)
     .execute(conn)
     .await
+}
+
+/// The outbox columns of a batch of events, one array per column, in the
+/// events' order: what an `INSERT … SELECT … FROM unnest(…)` binds, so that
+/// the statement's text is the same for every batch size.
+pub(super) struct EventColumns<'a> {
+    pub event_ids: Vec<Uuid>,
+    pub publishers: Vec<&'static str>,
+    pub event_types: Vec<&'static str>,
+    pub event_versions: Vec<i32>,
+    pub aggregate_types: Vec<&'static str>,
+    pub aggregate_ids: Vec<&'a str>,
+    pub aggregate_versions: Vec<i64>,
+    pub payloads: Vec<&'a serde_json::Value>,
+    pub correlation_ids: Vec<Option<&'a str>>,
+    pub occurred_at: Vec<DateTime<Utc>>,
+}
+
+impl<'a> EventColumns<'a> {
+    /// Each event with the correlation id it is stored under.
+    pub(super) fn of(
+        events: impl ExactSizeIterator<Item = (&'a EventRecord, Option<&'a str>)>,
+    ) -> Self {
+        let n = events.len();
+        let mut columns = Self {
+            event_ids: Vec::with_capacity(n),
+            publishers: Vec::with_capacity(n),
+            event_types: Vec::with_capacity(n),
+            event_versions: Vec::with_capacity(n),
+            aggregate_types: Vec::with_capacity(n),
+            aggregate_ids: Vec::with_capacity(n),
+            aggregate_versions: Vec::with_capacity(n),
+            payloads: Vec::with_capacity(n),
+            correlation_ids: Vec::with_capacity(n),
+            occurred_at: Vec::with_capacity(n),
+        };
+        for (event, correlation_id) in events {
+            columns.event_ids.push(event.event_id.as_uuid());
+            columns.publishers.push(event.publisher.as_str());
+            columns.event_types.push(event.event_type);
+            columns.event_versions.push(event.event_version);
+            columns.aggregate_types.push(event.aggregate_type);
+            columns.aggregate_ids.push(&event.aggregate_id);
+            columns.aggregate_versions.push(event.aggregate_version);
+            columns.payloads.push(&event.payload);
+            columns.correlation_ids.push(correlation_id);
+            columns.occurred_at.push(event.occurred_at);
+        }
+        columns
+    }
 }
 
 /// Marks rows published; only rows still pending are touched, so a row is

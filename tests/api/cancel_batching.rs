@@ -7,20 +7,11 @@ use std::time::Duration;
 use courier::{
     domain::{CancelError, OrderId},
     http::{CancelBatching, CancelQueue},
-    store::{self, cancel_batch::CancelRequest, orders::ChangeOrderError},
+    store::{cancel_batch::CancelRequest, orders::ChangeOrderError},
 };
-use diesel_async::AsyncPgConnection;
 use uuid::Uuid;
 
-use crate::helpers::{TestEnv, wait_until};
-
-/// A function because `RunQueryDsl` in the module's scope would shadow
-/// `TestEnv::execute`.
-async fn run_on(conn: &mut AsyncPgConnection, sql: &str) -> anyhow::Result<()> {
-    use diesel_async::RunQueryDsl;
-    diesel::sql_query(sql).execute(conn).await?;
-    Ok(())
-}
+use crate::helpers::{TestEnv, release_row_lock, wait_until};
 
 fn request(id: OrderId) -> CancelRequest {
     CancelRequest {
@@ -56,16 +47,7 @@ async fn cancels_that_arrive_together_commit_together_and_each_gets_its_own_answ
     .await;
     let unknown = OrderId::from_uuid(Uuid::now_v7());
 
-    let mut holder = store::connect(&env.settings.database.url()).await?;
-    run_on(&mut holder, "BEGIN").await?;
-    run_on(
-        &mut holder,
-        &format!(
-            "SELECT 1 FROM orders WHERE id = '{}' FOR UPDATE",
-            blocker.id
-        ),
-    )
-    .await?;
+    let mut holder = env.lock_order_row(&blocker.id.to_string()).await?;
     let first = tokio::spawn({
         let queue = queue.clone();
         async move { queue.cancel(request(blocker.id)).await }
@@ -91,7 +73,7 @@ async fn cancels_that_arrive_together_commit_together_and_each_gets_its_own_answ
         async || queue.queued() == asked.len(),
     )
     .await;
-    run_on(&mut holder, "ROLLBACK").await?;
+    release_row_lock(&mut holder).await?;
 
     assert!(first.await?.is_ok(), "the held cancel goes through");
     let mut outcomes = Vec::new();

@@ -254,6 +254,19 @@ impl TestEnv {
         .1
     }
 
+    /// A session of the test's own holding `order`'s row lock in an open
+    /// transaction; [`release_row_lock`] lets the writers waiting on it go on.
+    pub async fn lock_order_row(&self, order: &str) -> anyhow::Result<AsyncPgConnection> {
+        let mut holder = store::connect(&self.settings.database.url()).await?;
+        diesel::sql_query("BEGIN").execute(&mut holder).await?;
+        diesel::sql_query(format!(
+            "SELECT 1 FROM orders WHERE id = '{order}' FOR UPDATE"
+        ))
+        .execute(&mut holder)
+        .await?;
+        Ok(holder)
+    }
+
     /// Waits until `n` sessions of the test's database wait for a lock.
     pub async fn wait_for_lock_waiters(&self, n: i64, what: &str) {
         wait_until(what, Duration::from_secs(10), async || {
@@ -516,6 +529,12 @@ pub async fn bind() -> tokio::net::TcpListener {
     tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .unwrap_or_else(|e| panic!("cannot bind a free port: {e}"))
+}
+
+/// Ends the transaction of a [`TestEnv::lock_order_row`] session.
+pub async fn release_row_lock(holder: &mut AsyncPgConnection) -> anyhow::Result<()> {
+    diesel::sql_query("ROLLBACK").execute(holder).await?;
+    Ok(())
 }
 
 /// Polls `check` until it returns true, failing the test after `timeout`.

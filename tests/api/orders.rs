@@ -10,7 +10,7 @@ use figment::providers::Serialized;
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 
-use crate::helpers::{Service, TestEnv};
+use crate::helpers::{Service, TestEnv, release_row_lock};
 
 #[tokio::test]
 async fn an_order_and_its_event_commit_together() {
@@ -483,13 +483,7 @@ async fn post_while_order_is_locked(
     id: &str,
     actions: &[&str],
 ) -> anyhow::Result<(AsyncPgConnection, Vec<JoinHandle<(u16, Value)>>)> {
-    let mut holder = store::connect(&env.settings.database.url()).await?;
-    run_on(&mut holder, "BEGIN").await?;
-    run_on(
-        &mut holder,
-        &format!("SELECT 1 FROM orders WHERE id = '{id}' FOR UPDATE"),
-    )
-    .await?;
+    let holder = env.lock_order_row(id).await?;
     let requests = actions
         .iter()
         .map(|action| tokio::spawn(post(format!("{base}/orders/{id}/{action}"), None)))
@@ -503,14 +497,6 @@ async fn post_while_order_is_locked(
     Ok((holder, requests))
 }
 
-/// Runs `sql` on a session of the test's own. A function because
-/// `RunQueryDsl` in the module's scope would shadow `TestEnv::execute`.
-async fn run_on(conn: &mut AsyncPgConnection, sql: &str) -> anyhow::Result<()> {
-    use diesel_async::RunQueryDsl;
-    diesel::sql_query(sql).execute(conn).await?;
-    Ok(())
-}
-
 /// The same without the race: the cancel's session is ended while it waits
 /// for a row lock the test holds, so its statement surely fails.
 #[tokio::test]
@@ -520,7 +506,7 @@ async fn a_cancel_whose_session_is_terminated_mid_statement_succeeds() -> anyhow
     let (mut holder, requests) = post_while_order_is_locked(&env, &base, &id, &["cancel"]).await?;
     let terminated = terminate_sessions(&env, "wait_event_type = 'Lock'").await;
     assert_eq!(terminated, 1, "the cancel's session was terminated");
-    run_on(&mut holder, "ROLLBACK").await?;
+    release_row_lock(&mut holder).await?;
 
     for request in requests {
         let (status, body) = request.await?;
@@ -548,7 +534,7 @@ async fn concurrent_cancels_of_one_order_raise_one_event() -> anyhow::Result<()>
     let id = create_order(&base, "pay-concurrent-1").await;
     let (mut holder, cancels) =
         post_while_order_is_locked(&env, &base, &id, &["cancel"; 5]).await?;
-    run_on(&mut holder, "ROLLBACK").await?;
+    release_row_lock(&mut holder).await?;
 
     let mut statuses = Vec::new();
     for cancel in cancels {
@@ -575,7 +561,7 @@ async fn a_cancel_racing_a_ship_raises_no_event_for_a_shipped_order() -> anyhow:
     let id = create_order(&base, "pay-race-ship-1").await;
     let (mut holder, mut requests) =
         post_while_order_is_locked(&env, &base, &id, &["cancel", "ship"]).await?;
-    run_on(&mut holder, "ROLLBACK").await?;
+    release_row_lock(&mut holder).await?;
 
     let (Some(ship), Some(cancel)) = (requests.pop(), requests.pop()) else {
         anyhow::bail!("one request per action");
