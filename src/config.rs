@@ -164,6 +164,10 @@ pub struct TopologySettings {
 #[serde(deny_unknown_fields)]
 pub struct RelaySettings {
     pub batch_size: i64,
+    /// Relay steps overlapping: while one step waits for its confirms and
+    /// marks its rows, the next claims and publishes the rows due since.
+    #[serde(default = "default_relay_steps_in_flight")]
+    pub steps_in_flight: usize,
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
     #[serde(with = "humantime_serde")]
@@ -186,6 +190,10 @@ pub struct ProducerSettings {
     /// gather into the next batch.
     #[serde(default = "default_cancel_batches_in_flight")]
     pub cancel_batches_in_flight: usize,
+}
+
+fn default_relay_steps_in_flight() -> usize {
+    4
 }
 
 fn default_cancel_batch_max() -> usize {
@@ -380,6 +388,9 @@ impl Settings {
         if self.relay.batch_size < 1 {
             return invalid("relay.batch_size", "must be at least 1");
         }
+        if self.relay.steps_in_flight == 0 {
+            return invalid("relay.steps_in_flight", "must be at least 1");
+        }
         if self.consumer.prefetch == 0 {
             return invalid("consumer.prefetch", "must be at least 1");
         }
@@ -533,6 +544,24 @@ mod tests {
                 zero("http.max_connections", 0.into()),
             ),
         ] {
+            let error = Settings::from_figment(figment).err().map(|e| e.to_string());
+            assert!(
+                error.as_deref().is_some_and(|e| e.contains(key)),
+                "{key}: {error:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn zero_batch_and_overlap_settings_are_invalid_naming_their_key() {
+        for key in [
+            "relay.batch_size",
+            "relay.steps_in_flight",
+            "producer.cancel_batch_max",
+            "producer.cancel_batches_in_flight",
+            "consumer.batch_size",
+        ] {
+            let figment = defaults().merge(Serialized::default(key, 0));
             let error = Settings::from_figment(figment).err().map(|e| e.to_string());
             assert!(
                 error.as_deref().is_some_and(|e| e.contains(key)),

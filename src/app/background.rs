@@ -20,7 +20,7 @@ use crate::{
     outbox::{Relay, RelayError, RelayStats},
     registry::{self, Process},
     shutdown::Shutdown,
-    store::DbPool,
+    store::{self, DbPool},
 };
 
 /// The broker's words when it refused a relay or worker.
@@ -61,6 +61,12 @@ impl Background {
             workers.len() + 1,
         )?;
         let topology = Topology::from_settings(&settings.topology);
+        // The relays' connections are their own: a step that waits for a
+        // worker's connection to come back delays every event behind it.
+        // Claims are taken one at a time and marks are short, so two do.
+        let mut relay_settings = settings.database.clone();
+        relay_settings.pool_size = relay_settings.pool_size.min(2);
+        let relay_db = store::pool(&relay_settings)?;
         let mut tasks = JoinSet::new();
         let mut relays = Vec::new();
         for publisher in Publisher::ALL
@@ -69,7 +75,7 @@ impl Background {
         {
             let relay = Arc::new(Relay::for_publisher(
                 publisher,
-                db.clone(),
+                relay_db.clone(),
                 broker.clone(),
                 topology.clone(),
                 settings.relay.clone(),

@@ -22,8 +22,8 @@ pub async fn run_until_stopped(
 ) -> anyhow::Result<()> {
     // The API's connections are its own: background work never takes the
     // API's last connection, and a request never waits behind a relay step.
-    // The relay and the refund-status worker need few: one each at a time,
-    // and one to spare (connections are opened on demand, up to this).
+    // The refund-status worker needs few (connections are opened on demand,
+    // up to this); the relay has a pool of its own ([`Background::start`]).
     let api_db = store::pool(&settings.database)?;
     let mut background_settings = settings.database.clone();
     background_settings.pool_size = background_settings.pool_size.min(3);

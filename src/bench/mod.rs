@@ -50,6 +50,9 @@ pub struct BenchOptions {
     /// How long each open-loop run offers its rate.
     pub open_loop_seconds: f64,
     pub open_loop_fractions: Vec<f64>,
+    /// Open-loop rates in orders/s, offered instead of the fractions (to
+    /// compare two builds at the same load).
+    pub open_loop_rates: Vec<f64>,
     /// Orders canceled while the consumer is stopped (0: no backlog phase).
     pub backlog: usize,
     pub skip_peer: bool,
@@ -257,8 +260,20 @@ async fn pipeline_phases(
                 .collect::<Vec<_>>(),
         )
         .map_or(0.0, |s| s.median);
-        for &fraction in &options.open_loop_fractions {
-            let rate = max * fraction;
+        let offered: Vec<(f64, f64)> = if options.open_loop_rates.is_empty() {
+            options
+                .open_loop_fractions
+                .iter()
+                .map(|&fraction| (fraction, max * fraction))
+                .collect()
+        } else {
+            options
+                .open_loop_rates
+                .iter()
+                .map(|&rate| (rate / max, rate))
+                .collect()
+        };
+        for (fraction, rate) in offered {
             let count = ((rate * options.open_loop_seconds) as usize).max(20);
             let mut runs = Vec::new();
             for rep in 0..reps {

@@ -58,6 +58,9 @@ pub struct RunFigures {
     /// Cancel-to-refund latency of every order, ms.
     pub latencies_ms: Vec<f64>,
     pub latency: Percentiles,
+    /// Its first part: cancel to the relay's mark after the broker's confirm
+    /// (none for the peer, which has no outbox).
+    pub relay_latency: Option<Percentiles>,
     /// The cancel requests' own latency.
     pub requests: Option<Percentiles>,
     pub costs: Vec<GroupCost>,
@@ -204,11 +207,19 @@ pub async fn run(
         .collect();
     let latency =
         Percentiles::of(&latencies_ms).ok_or_else(|| anyhow::anyhow!("no latencies measured"))?;
+    let relay_ms: Vec<f64> = timings
+        .iter()
+        .filter_map(|t| {
+            t.published_at
+                .map(|p| (p - t.canceled_at).as_seconds_f64() * 1000.0)
+        })
+        .collect();
     Ok(RunFigures {
         orders: count,
         orders_per_second: count as f64 / span,
         latencies_ms,
         latency,
+        relay_latency: Percentiles::of(&relay_ms),
         requests: Percentiles::of(&sent.request_ms),
         costs,
         counters,

@@ -46,13 +46,20 @@ fn latency(runs: &[RunFigures]) -> Option<PercentileSpread> {
     PercentileSpread::of(&runs.iter().map(|r| r.latency).collect::<Vec<_>>())
 }
 
+/// The spread of a figure that some runs have (the peer has no relay).
+fn spread_of(
+    runs: &[RunFigures],
+    figure: impl Fn(&RunFigures) -> Option<Percentiles>,
+) -> Option<PercentileSpread> {
+    PercentileSpread::of(&runs.iter().filter_map(figure).collect::<Vec<_>>())
+}
+
+fn relay_latency(runs: &[RunFigures]) -> Option<PercentileSpread> {
+    spread_of(runs, |r| r.relay_latency)
+}
+
 fn requests(runs: &[RunFigures]) -> Option<PercentileSpread> {
-    PercentileSpread::of(
-        &runs
-            .iter()
-            .filter_map(|r| r.requests)
-            .collect::<Vec<Percentiles>>(),
-    )
+    spread_of(runs, |r| r.requests)
 }
 
 fn ms(p: &PercentileSpread) -> String {
@@ -182,6 +189,11 @@ impl Results {
             "",
         );
         t.opt(
+            "pipeline: of which cancel→published (relay's mark after the confirm), ms",
+            relay_latency(&self.pipeline).map(|p| ms(&p)),
+            "",
+        );
+        t.opt(
             "pipeline: cancel request latency, ms",
             requests(&self.pipeline).map(|p| ms(&p)),
             "",
@@ -268,6 +280,14 @@ impl Results {
                     fraction * 100.0
                 ),
                 latency(runs).map(|p| ms(&p)),
+                "",
+            );
+            t.opt(
+                &format!(
+                    "open loop {:.0} %: of which cancel→published, ms",
+                    fraction * 100.0
+                ),
+                relay_latency(runs).map(|p| ms(&p)),
                 "",
             );
             t.opt(

@@ -43,10 +43,20 @@ struct Cli {
     /// Leave out the Celery peer.
     #[arg(long)]
     no_peer: bool,
-    /// Only the closed-loop pipeline runs (no ceilings, open loop, backlog
-    /// or peer): for measuring one change quickly.
+    /// Only the closed-loop pipeline runs, and the Celery peer unless
+    /// --no-peer (no ceilings, backlog, or open loop unless
+    /// --open-loop-fractions is given): for measuring one change quickly.
     #[arg(long)]
     pipeline_only: bool,
+    /// Open-loop rates to offer, as fractions of the measured closed-loop
+    /// maximum [default: 0.25,0.5,0.9].
+    #[arg(long, value_delimiter = ',')]
+    open_loop_fractions: Option<Vec<f64>>,
+    /// Open-loop rates in orders/s, offered instead of the fractions: to
+    /// compare two builds at the same load (implies the open loop with
+    /// --pipeline-only).
+    #[arg(long, value_delimiter = ',')]
+    open_loop_rates: Option<Vec<f64>>,
     /// Where BENCHMARKS.md (and bench/*.svg) are written.
     #[arg(long, default_value = ".")]
     out_dir: PathBuf,
@@ -116,7 +126,11 @@ async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
         open_loop_seconds: cli
             .open_loop_seconds
             .unwrap_or(if quick { 1.0 } else { 8.0 }),
-        open_loop_fractions: vec![0.25, 0.5, 0.9],
+        open_loop_fractions: cli
+            .open_loop_fractions
+            .clone()
+            .unwrap_or_else(|| vec![0.25, 0.5, 0.9]),
+        open_loop_rates: cli.open_loop_rates.clone().unwrap_or_default(),
         backlog: pick(cli.backlog, 10_000, 100),
         skip_peer: cli.no_peer,
         bin_dir: absolute(bin_dir),
@@ -136,9 +150,10 @@ async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
     if cli.pipeline_only {
         options.broker_messages = 0;
         options.db_connections.clear();
-        options.open_loop_fractions.clear();
+        if cli.open_loop_fractions.is_none() && cli.open_loop_rates.is_none() {
+            options.open_loop_fractions.clear();
+        }
         options.backlog = 0;
-        options.skip_peer = true;
     }
     let results = bench::run(&settings, &options).await?;
     println!("{}", results.markdown_table());

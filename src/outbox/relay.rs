@@ -9,13 +9,22 @@
 //!
 //! [`Relay::relay_once`] is one step, for tests; [`Relay::run`] loops, woken
 //! when its process commits outbox rows ([`super::wake`]) and polling for
-//! the rest.
+//! the rest. Up to `steps_in_flight` steps overlap: one step claims and
+//! sends at a time (so rows leave in id order), and while its confirms are
+//! on their way the next step claims the rows due since, leaving out the
+//! rows still in flight. Each step marks only the rows of its own confirms.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::HashSet,
+    sync::{Arc, Mutex as SyncMutex},
+};
 
 use chrono::Utc;
-use futures_util::future::join_all;
-use tokio::sync::{Mutex, watch};
+use futures_util::{StreamExt, future::join_all, stream::FuturesUnordered};
+use tokio::{
+    sync::{Mutex, watch},
+    time::Instant,
+};
 
 use super::{
     backoff::{delay_after, reconnect_delay},
@@ -67,7 +76,40 @@ pub struct Relay {
     settings: RelaySettings,
     app_id: String,
     publisher: Mutex<Option<ConfirmedPublisher>>,
+    /// Held by the step that is claiming and sending.
+    sending: Mutex<()>,
+    /// Ids claimed by steps that have not finished.
+    in_flight: SyncMutex<HashSet<i64>>,
     stats: Arc<RelayStats>,
+}
+
+/// A step's claim on its rows: other steps leave them out until it is dropped.
+struct Claim<'a> {
+    in_flight: &'a SyncMutex<HashSet<i64>>,
+    ids: Vec<i64>,
+}
+
+impl<'a> Claim<'a> {
+    fn new(in_flight: &'a SyncMutex<HashSet<i64>>, ids: Vec<i64>) -> Self {
+        lock(in_flight).extend(ids.iter().copied());
+        Self { in_flight, ids }
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        let mut set = lock(self.in_flight);
+        for id in &self.ids {
+            set.remove(id);
+        }
+    }
+}
+
+/// The set stays consistent even if a holder panicked: every change to it
+/// is a whole insert or remove.
+fn lock(set: &SyncMutex<HashSet<i64>>) -> std::sync::MutexGuard<'_, HashSet<i64>> {
+    set.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Relay {
@@ -100,6 +142,8 @@ impl Relay {
             settings,
             app_id: app_id.to_owned(),
             publisher: Mutex::new(None),
+            sending: Mutex::new(()),
+            in_flight: SyncMutex::default(),
             stats: Arc::default(),
         }
     }
@@ -160,11 +204,18 @@ impl Relay {
 
     /// One step: publish the due rows (up to `batch_size`) and record each outcome.
     pub async fn relay_once(&self) -> Result<RelayOutcome, RelayError> {
-        let mut conn = self.db.get().await.map_err(StoreError::from)?;
-        let rows = outbox::due(&mut conn, self.source, self.settings.batch_size).await?;
+        // No database connection is held while the confirms are awaited:
+        // overlapping steps would otherwise take one each.
+        let sending = self.sending.lock().await;
+        let rows = {
+            let mut conn = self.db.get().await.map_err(StoreError::from)?;
+            let in_flight: Vec<i64> = lock(&self.in_flight).iter().copied().collect();
+            outbox::due(&mut conn, self.source, self.settings.batch_size, &in_flight).await?
+        };
         if rows.is_empty() {
             return Ok(RelayOutcome::Idle);
         }
+        let _claim = Claim::new(&self.in_flight, rows.iter().map(|r| r.id).collect());
         let publisher = self.publisher().await?;
 
         let mut sent = Vec::with_capacity(rows.len());
@@ -189,6 +240,7 @@ impl Relay {
                 }
             }
         }
+        drop(sending);
         self.stats.count_published(sent.len());
         crash_point(CrashPoint::AfterPublishBeforeConfirm);
         let timeout = self.settings.confirm_timeout;
@@ -226,7 +278,9 @@ impl Relay {
         }
         let refused = failures.iter().find_map(|(_, error)| access_refused(error));
 
+        let mut conn = self.db.get().await.map_err(StoreError::from)?;
         outbox::mark_published(&mut conn, &published).await?;
+
         for (row, error) in &failures {
             let attempts = u32::try_from(row.attempts).unwrap_or(0);
             let delay = delay_after(
@@ -247,6 +301,12 @@ impl Relay {
             );
             outbox::record_failure(&mut conn, row.id, error, next).await?;
         }
+        tracing::debug!(
+            publisher = self.source.as_str(),
+            published = published.len(),
+            failed = failures.len(),
+            "relay step"
+        );
         if let Some(refused) = refused {
             return Err(RelayError::AccessRefused(refused));
         }
@@ -256,11 +316,13 @@ impl Relay {
         })
     }
 
-    /// Relays until `shutdown`: drains while there is work, then waits until
+    /// Relays until `shutdown`: steps while there is work, then waits until
     /// this process commits rows of this publisher ([`super::wake`]) or the
-    /// poll interval passes. A step in progress always finishes, so no
-    /// confirmed publish is left unmarked by shutdown itself. Returns early
-    /// only when the broker refuses our user: the one error no wait heals.
+    /// poll interval passes; a commit during a step starts the next step at
+    /// once, beside it, up to `steps_in_flight`. Steps in progress always
+    /// finish, so no confirmed publish is left unmarked by shutdown itself.
+    /// Returns early only when the broker refuses our user: the one error
+    /// no wait heals.
     pub async fn run(self: Arc<Self>, shutdown: Shutdown) -> Result<(), RelayError> {
         let mut written = wake::subscribe(self.source);
         let result = self.relay_until(&mut written, &shutdown).await;
@@ -280,48 +342,60 @@ impl Relay {
             }
             Ok(()) => {}
         }
+        let mut steps = FuturesUnordered::new();
         let mut failures = 0u32;
-        while !shutdown.is_triggered() {
-            match self.relay_once().await {
-                Ok(RelayOutcome::Published { published, failed }) => {
-                    failures = 0;
-                    tracing::debug!(published, failed, "relay step");
-                    // A full batch means more is waiting: go again at once.
-                    // Otherwise wait for the next commit (one that came
-                    // during this step is kept, so it returns at once):
-                    // under load that gathers many commits into one step
-                    // instead of one query per row. When everything due
-                    // failed, the failed rows are not due again yet either.
-                    let full = i64::try_from(published + failed)
-                        .is_ok_and(|n| n >= self.settings.batch_size);
-                    if !full {
-                        wait(written, self.settings.poll_interval, shutdown).await;
+        // Whether rows may be due that no step is looking for.
+        let mut maybe_due = true;
+        // After a failed step, no new step starts before this.
+        let mut paused_until: Option<Instant> = None;
+        let mut refused = None;
+        loop {
+            let stopping = shutdown.is_triggered() || refused.is_some();
+            if stopping && steps.is_empty() {
+                break;
+            }
+            let paused = paused_until.is_some_and(|t| Instant::now() < t);
+            if !stopping && maybe_due && !paused && steps.len() < self.settings.steps_in_flight {
+                maybe_due = false;
+                steps.push(self.relay_once());
+                continue;
+            }
+            let next_look = match paused_until {
+                Some(until) if paused => until,
+                _ => Instant::now() + self.settings.poll_interval,
+            };
+            tokio::select! {
+                Some(outcome) = steps.next(), if !steps.is_empty() => match outcome {
+                    Ok(RelayOutcome::Published { published, failed }) => {
+                        failures = 0;
+                        // A full batch means more is waiting: go again at
+                        // once. Otherwise the next commit (or poll) starts
+                        // the next step; when everything due failed, the
+                        // failed rows are not due again yet either.
+                        if i64::try_from(published + failed)
+                            .is_ok_and(|n| n >= self.settings.batch_size)
+                        {
+                            maybe_due = true;
+                        }
                     }
-                }
-                Ok(RelayOutcome::Idle) => {
-                    failures = 0;
-                    wait(written, self.settings.poll_interval, shutdown).await;
-                }
-                Err(error @ RelayError::AccessRefused(_)) => return Err(error),
-                Err(error) => {
-                    let delay = reconnect_delay(failures);
-                    failures = failures.saturating_add(1);
-                    if failures == 1 {
-                        tracing::warn!(%error, "relay paused; retrying with backoff");
+                    Ok(RelayOutcome::Idle) => failures = 0,
+                    Err(error @ RelayError::AccessRefused(_)) => refused = Some(error),
+                    Err(error) => {
+                        let delay = reconnect_delay(failures);
+                        failures = failures.saturating_add(1);
+                        if failures == 1 {
+                            tracing::warn!(%error, "relay paused; retrying with backoff");
+                        }
+                        paused_until = Some(Instant::now() + delay);
+                        maybe_due = true;
                     }
-                    shutdown.sleep(delay).await;
-                }
+                },
+                // The senders are static: `changed` cannot fail.
+                _ = written.changed(), if !stopping => maybe_due = true,
+                () = tokio::time::sleep_until(next_look), if !stopping => maybe_due = true,
+                () = shutdown.wait(), if !stopping => {}
             }
         }
-        Ok(())
-    }
-}
-
-async fn wait(written: &mut watch::Receiver<u64>, poll_interval: Duration, shutdown: &Shutdown) {
-    tokio::select! {
-        // The senders are static: `changed` cannot fail.
-        _ = written.changed() => {}
-        () = tokio::time::sleep(poll_interval) => {}
-        () = shutdown.wait() => {}
+        refused.map_or(Ok(()), Err)
     }
 }

@@ -6,7 +6,7 @@
 use chrono::{DateTime, Utc};
 use diesel::{
     QueryableByName,
-    sql_types::{Array, BigInt, Integer, Text, Timestamptz, Uuid as SqlUuid},
+    sql_types::{Array, BigInt, Integer, Nullable, Text, Timestamptz, Uuid as SqlUuid},
 };
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
@@ -102,6 +102,10 @@ pub struct RefundTiming {
     /// transaction that recorded the refund.
     #[diesel(sql_type = Timestamptz)]
     pub refunded_at: DateTime<Utc>,
+    /// The cancel event's `outbox.published_at`: when the relay marked it
+    /// after the broker's confirm (none where there is no outbox: the peer).
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    pub published_at: Option<DateTime<Utc>>,
 }
 
 /// The timings of those of `order_ids` whose refund is recorded by `consumer`.
@@ -111,10 +115,12 @@ pub async fn refund_timings(
     order_ids: &[Uuid],
 ) -> Result<Vec<RefundTiming>, StoreError> {
     diesel::sql_query(
-        "SELECT o.updated_at AS canceled_at, p.processed_at AS refunded_at \
+        "SELECT o.updated_at AS canceled_at, p.processed_at AS refunded_at, \
+                e.published_at \
          FROM refunds r \
          JOIN orders o ON o.id = r.order_id \
          JOIN processed_messages p ON p.consumer = $1 AND p.message_id = r.event_id \
+         LEFT JOIN outbox e ON e.event_id = r.event_id \
          WHERE r.order_id = ANY($2)",
     )
     .bind::<Text, _>(consumer)

@@ -28,6 +28,7 @@ async fn the_quick_bench_runs_end_to_end_and_writes_a_well_formed_table() -> any
         db_connections: vec![1, 4],
         open_loop_seconds: 0.5,
         open_loop_fractions: vec![0.5],
+        open_loop_rates: Vec::new(),
         backlog: 30,
         skip_peer: false,
         bin_dir,

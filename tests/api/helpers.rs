@@ -257,13 +257,20 @@ impl TestEnv {
     /// A session of the test's own holding `order`'s row lock in an open
     /// transaction; [`release_row_lock`] lets the writers waiting on it go on.
     pub async fn lock_order_row(&self, order: &str) -> anyhow::Result<AsyncPgConnection> {
-        let mut holder = store::connect(&self.settings.database.url()).await?;
-        diesel::sql_query("BEGIN").execute(&mut holder).await?;
-        diesel::sql_query(format!(
+        self.lock_rows(&format!(
             "SELECT 1 FROM orders WHERE id = '{order}' FOR UPDATE"
         ))
-        .execute(&mut holder)
-        .await?;
+        .await
+    }
+
+    /// A session of the test's own holding the row locks that `select_for_update`
+    /// takes, in an open transaction, until [`release_row_lock`].
+    pub async fn lock_rows(&self, select_for_update: &str) -> anyhow::Result<AsyncPgConnection> {
+        let mut holder = store::connect(&self.settings.database.url()).await?;
+        diesel::sql_query("BEGIN").execute(&mut holder).await?;
+        diesel::sql_query(select_for_update)
+            .execute(&mut holder)
+            .await?;
         Ok(holder)
     }
 

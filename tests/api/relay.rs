@@ -10,7 +10,7 @@ use lapin::{
     types::FieldTable,
 };
 
-use crate::helpers::{TestEnv, header_int, header_text, wait_until};
+use crate::helpers::{TestEnv, header_int, header_text, release_row_lock, wait_until};
 
 async fn unbind(env: &TestEnv, queue: &str, exchange: &str, key: &str) {
     env.channel
@@ -297,4 +297,74 @@ async fn the_running_relay_is_woken_by_a_commit_in_its_process_without_polling()
     )
     .await;
     producer.stop().await.unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// While one step waits to mark its rows (here: behind a row lock, after its
+/// confirms), the next step publishes the rows after them and never the
+/// first step's rows again.
+#[tokio::test]
+async fn overlapping_relay_steps_publish_each_row_once() {
+    let env = TestEnv::with(|f| f.merge(Serialized::default("relay.batch_size", 3))).await;
+    let relay = std::sync::Arc::new(env.relay());
+    let mut events = Vec::new();
+    for n in 0..6 {
+        events.push(env.cancel_new_order(&format!("pay-overlap-{n}")).await.1);
+    }
+    let first_three: Vec<String> = events[..3].iter().map(|e| format!("'{e}'")).collect();
+    let mut holder = env
+        .lock_rows(&format!(
+            "SELECT 1 FROM outbox WHERE event_id IN ({}) FOR UPDATE",
+            first_three.join(", ")
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    let first_step = tokio::spawn({
+        let relay = relay.clone();
+        async move { relay.relay_once().await }
+    });
+    env.wait_for_lock_waiters(1, "the first step's mark waits on the row lock")
+        .await;
+    // A step that took the first step's rows again would wait on the same
+    // row lock to mark them.
+    let second = tokio::time::timeout(Duration::from_secs(10), relay.relay_once())
+        .await
+        .unwrap_or_else(|_| panic!("the second step is stuck behind the first step's rows"));
+    assert_eq!(
+        second.ok(),
+        Some(RelayOutcome::Published {
+            published: 3,
+            failed: 0
+        })
+    );
+    assert!(
+        !first_step.is_finished(),
+        "the second step ran while the first was still unmarked"
+    );
+
+    release_row_lock(&mut holder)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let first = first_step.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        first.ok(),
+        Some(RelayOutcome::Published {
+            published: 3,
+            failed: 0
+        })
+    );
+    for event in &events {
+        assert!(outbox_row(&env, *event).await.published_at.is_some());
+    }
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..6 {
+        let message = env.take_within("refunds", Duration::from_secs(5)).await;
+        let id = message.delivery.properties.message_id().clone();
+        assert!(seen.insert(id.map(|m| m.to_string())), "published twice");
+    }
+    assert_eq!(
+        env.queue_depth("refunds").await,
+        0,
+        "nothing else published"
+    );
 }
