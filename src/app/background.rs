@@ -138,10 +138,15 @@ impl Background {
 
     /// `/metrics` and `/readyz` over this process's relays, workers, broker
     /// pool and `db`.
-    pub fn observe_routes(&self, db: &DbPool) -> axum::Router {
+    pub fn observe_routes(
+        &self,
+        db: &DbPool,
+        gauges: Vec<crate::observe::metrics::ServiceGauge>,
+    ) -> axum::Router {
         crate::observe::routes(
             self.relays.clone(),
             self.stats.clone(),
+            gauges,
             self.broker.clone(),
             db.clone(),
         )

@@ -39,7 +39,7 @@ pub async fn run_until_stopped(
             }),
         )
         .route("/healthz", get(|| async { "ok" }))
-        .merge(background.observe_routes(&db));
+        .merge(background.observe_routes(&db, Vec::new()));
     let stats_shutdown = shutdown.clone();
     let http_settings = settings.http.clone();
     let server = tokio::spawn(async move {

@@ -2,10 +2,12 @@
 //! workers that take the refund context's news back to the orders, in one
 //! process.
 
+use std::sync::Arc;
+
 use tokio::net::TcpListener;
 
 use super::background::Background;
-use crate::{config::Settings, http, registry::Process, store};
+use crate::{config::Settings, http, observe::metrics::ServiceGauge, registry::Process, store};
 
 pub const APP_ID: &str = "courier-producer";
 
@@ -37,7 +39,15 @@ pub async fn run_until_stopped(
         max: settings.producer.cancel_batch_max,
         in_flight: settings.producer.cancel_batches_in_flight,
     };
-    let routes = http::router(api_db, batching).merge(background.observe_routes(&background_db));
+    let cancels = http::CancelQueue::spawn(api_db.clone(), batching);
+    let queued = cancels.clone();
+    let gauges = vec![ServiceGauge {
+        name: "courier_cancels_queued",
+        help: "Cancel requests waiting for their batch to be written.",
+        read: Arc::new(move || queued.queued() as f64),
+    }];
+    let routes =
+        http::router(api_db, cancels).merge(background.observe_routes(&background_db, gauges));
     http::serve(listener, routes, &settings.http, async move {
         api_shutdown.wait().await;
     })

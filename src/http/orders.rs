@@ -14,10 +14,7 @@ use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::{
-    ApiError,
-    cancel_queue::{CancelBatching, CancelQueue},
-};
+use super::{ApiError, cancel_queue::CancelQueue};
 use crate::{
     domain::{AmountCents, CustomerEmail, EventId, Order, OrderId, PaymentId, ShippingAddress},
     store::{
@@ -36,10 +33,11 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
 /// The API with cancels gathered into batches as `batching` says (the
 /// gathering task starts here, on the current runtime).
-pub fn router(db: DbPool, batching: CancelBatching) -> Router {
+/// The order API; cancels go through `cancels`, which batches them.
+pub fn router(db: DbPool, cancels: CancelQueue) -> Router {
     let cancels: Router<DbPool> = Router::new()
         .route("/orders/{id}/cancel", post(cancel))
-        .with_state(CancelQueue::spawn(db.clone(), batching));
+        .with_state(cancels);
     Router::new()
         .route("/orders", post(create))
         .route("/orders/{id}", get(show))

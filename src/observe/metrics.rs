@@ -21,6 +21,36 @@ use crate::{
 
 type Labels = Vec<(&'static str, String)>;
 
+/// A gauge a service reads from its own state at scrape time (the order
+/// service: cancels waiting for their batch).
+#[derive(Clone)]
+pub struct ServiceGauge {
+    pub name: &'static str,
+    pub help: &'static str,
+    pub read: Arc<dyn Fn() -> f64 + Send + Sync>,
+}
+
+impl std::fmt::Debug for ServiceGauge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceGauge")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The service's own gauges, each read once per scrape.
+#[derive(Debug)]
+struct GaugeCollector(Vec<(&'static str, &'static str, f64)>);
+
+impl Collector for GaugeCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        for (name, help, value) in &self.0 {
+            gauge(&mut encoder, name, help, *value)?;
+        }
+        Ok(())
+    }
+}
+
 /// Renders a registry as the text exposition format.
 fn render(registry: Registry) -> String {
     let mut text = String::new();
@@ -187,6 +217,7 @@ async fn outbox_now(db: &DbPool, publisher: Publisher) -> Option<OutboxNow> {
 pub async fn service(
     relays: &[(Publisher, Arc<RelayStats>)],
     workers: &ConsumerStats,
+    gauges: &[ServiceGauge],
     db: &DbPool,
 ) -> String {
     let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
@@ -206,6 +237,12 @@ pub async fn service(
     let mut registry = Registry::default();
     registry.register_collector(Box::new(RelayCollector(now)));
     registry.register_collector(Box::new(ConsumerCollector(workers.clone())));
+    registry.register_collector(Box::new(GaugeCollector(
+        gauges
+            .iter()
+            .map(|g| (g.name, g.help, (g.read)()))
+            .collect(),
+    )));
     render(registry)
 }
 

@@ -23,21 +23,28 @@ use crate::{
 const TEXT_FORMAT: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// `/metrics` and `/readyz` of a service: its relays (with their
-/// publishers' outbox backlog) and its workers.
+/// publishers' outbox backlog), its workers and its own `gauges`.
 pub fn routes(
     relays: Vec<(Publisher, Arc<RelayStats>)>,
     workers: ConsumerStats,
+    gauges: Vec<metrics::ServiceGauge>,
     broker: BrokerPool,
     db: DbPool,
 ) -> Router {
     let metrics_db = db.clone();
     let relays = Arc::new(relays);
+    let gauges = Arc::new(gauges);
     Router::new()
         .route(
             "/metrics",
             get(move || {
-                let (relays, workers, db) = (relays.clone(), workers.clone(), metrics_db.clone());
-                async move { text(metrics::service(&relays, &workers, &db).await) }
+                let (relays, workers, gauges, db) = (
+                    relays.clone(),
+                    workers.clone(),
+                    gauges.clone(),
+                    metrics_db.clone(),
+                );
+                async move { text(metrics::service(&relays, &workers, &gauges, &db).await) }
             }),
         )
         .route(

@@ -267,3 +267,48 @@ async fn every_log_line_about_a_message_carries_its_consumer_event_and_order_in_
     }
     Ok(())
 }
+
+/// Cancels held behind a batch that waits on a row lock show up in the order
+/// service's `courier_cancels_queued`, and leave it when they are written.
+#[tokio::test]
+async fn queued_cancels_show_in_the_order_services_metrics() -> anyhow::Result<()> {
+    let env = TestEnv::new().await;
+    let producer = env.start_producer().await;
+    let blocker = env.place_order("pay-queued-blocker").await;
+    let mut waiting = Vec::new();
+    for n in 0..3 {
+        waiting.push(env.place_order(&format!("pay-queued-{n}")).await.id);
+    }
+    let mut holder = env.lock_order_row(&blocker.id.to_string()).await?;
+    let cancel = |id: courier::domain::OrderId| {
+        let url = format!("http://{}/orders/{id}/cancel", producer.addr);
+        tokio::spawn(async move { reqwest::Client::new().post(url).send().await })
+    };
+    let first = cancel(blocker.id);
+    env.wait_for_lock_waiters(1, "the first batch waits for the order's row lock")
+        .await;
+    let queued: Vec<_> = waiting.iter().map(|id| cancel(*id)).collect();
+    let mut seen = None;
+    wait_until(
+        "three cancels are queued behind the held batch",
+        Duration::from_secs(10),
+        async || {
+            seen = match scrape(&producer).await {
+                Ok(text) => sample(&text, "courier_cancels_queued"),
+                Err(_) => None,
+            };
+            seen == Some(3.0)
+        },
+    )
+    .await;
+
+    crate::helpers::release_row_lock(&mut holder).await?;
+    for request in std::iter::once(first).chain(queued) {
+        let status = request.await??.status();
+        anyhow::ensure!(status == 200, "a queued cancel answered {status}");
+    }
+    let text = scrape(&producer).await?;
+    assert_eq!(sample(&text, "courier_cancels_queued"), Some(0.0), "{text}");
+    producer.stop().await?;
+    Ok(())
+}
