@@ -101,6 +101,14 @@ pub enum Shelved<'a> {
 pub trait Handler: Send + Sync + 'static {
     fn name(&self) -> &str;
 
+    /// True when the handler's own first query already tells a processed
+    /// message apart (and answers [`Handled::AlreadyProcessed`] without any
+    /// effect), so the worker skips its inbox query before the batch. False
+    /// by default: the worker checks the inbox first.
+    fn checks_inbox_itself(&self) -> bool {
+        false
+    }
+
     fn handle_batch(
         &self,
         batch: &[Work<'_>],
@@ -127,6 +135,7 @@ type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// behind one type (the registry builds them all alike).
 trait ObjectHandler: Send + Sync + 'static {
     fn name(&self) -> &str;
+    fn checks_inbox_itself(&self) -> bool;
     fn handle_batch<'a, 'w: 'a>(
         &'a self,
         batch: &'a [Work<'w>],
@@ -142,6 +151,10 @@ trait ObjectHandler: Send + Sync + 'static {
 impl<H: Handler> ObjectHandler for H {
     fn name(&self) -> &str {
         Handler::name(self)
+    }
+
+    fn checks_inbox_itself(&self) -> bool {
+        Handler::checks_inbox_itself(self)
     }
 
     fn handle_batch<'a, 'w: 'a>(
@@ -174,6 +187,10 @@ impl BoxedHandler {
 impl Handler for BoxedHandler {
     fn name(&self) -> &str {
         self.0.name()
+    }
+
+    fn checks_inbox_itself(&self) -> bool {
+        self.0.checks_inbox_itself()
     }
 
     async fn handle_batch(&self, batch: &[Work<'_>], deadline: Duration) -> Outcomes {

@@ -204,6 +204,15 @@ impl Handler for RefundHandler {
         NAME
     }
 
+    /// Every inbox row of ours is written with the order's refund, or for an
+    /// order refunded already: a processed message's order has its refund,
+    /// which the precheck reads anyway (`AlreadyRefunded`: no gateway call,
+    /// only the inbox row, which is there, so the message counts as a
+    /// duplicate absorbed).
+    fn checks_inbox_itself(&self) -> bool {
+        true
+    }
+
     async fn handle_batch(&self, batch: &[Work<'_>], deadline: Duration) -> Outcomes {
         let mut outcomes: Vec<Option<Result<Handled, HandlerError>>> =
             batch.iter().map(|_| None).collect();
