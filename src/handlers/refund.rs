@@ -157,10 +157,9 @@ impl RefundHandler {
         .to_record()
         .map_err(|e| HandlerError::Permanent(format!("cannot encode refund.failed: {e}")))?;
         let asked_by = message_id.to_string();
-        outbox::insert(&mut conn, &[(&failed, Some(asked_by.as_str()))])
+        outbox::insert_committed(&mut conn, &[(&failed, Some(asked_by.as_str()))])
             .await
             .map_err(StoreError::classify)?;
-        crate::outbox::wake::rows_committed(failed.publisher);
         Ok(())
     }
 

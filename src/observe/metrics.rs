@@ -30,14 +30,6 @@ pub struct ServiceGauge {
     pub read: Arc<dyn Fn() -> f64 + Send + Sync>,
 }
 
-impl std::fmt::Debug for ServiceGauge {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServiceGauge")
-            .field("name", &self.name)
-            .finish_non_exhaustive()
-    }
-}
-
 /// The service's own gauges, each read once per scrape.
 #[derive(Debug)]
 struct GaugeCollector(Vec<(&'static str, &'static str, f64)>);

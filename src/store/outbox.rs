@@ -102,6 +102,25 @@ pub async fn insert(
     .await
 }
 
+/// [`insert`] as a statement of its own, outside any transaction, so it is
+/// committed when it returns: the relays of this process that publish the
+/// new events are woken ([`crate::outbox::wake`]), as every other store
+/// function that commits outbox rows does.
+pub async fn insert_committed(
+    conn: &mut AsyncPgConnection,
+    events: &[(&EventRecord, Option<&str>)],
+) -> QueryResult<usize> {
+    let inserted = insert(conn, events).await?;
+    if inserted > 0 {
+        for publisher in Publisher::ALL {
+            if events.iter().any(|(e, _)| e.publisher == publisher) {
+                crate::outbox::wake::rows_committed(publisher);
+            }
+        }
+    }
+    Ok(inserted)
+}
+
 /// The outbox columns of a batch of events, one array per column, in the
 /// events' order: what an `INSERT … SELECT … FROM unnest(…)` binds, so that
 /// the statement's text is the same for every batch size.
