@@ -204,6 +204,10 @@ fn default_cancel_batches_in_flight() -> usize {
     1
 }
 
+fn default_consumer_batches_in_flight() -> usize {
+    2
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConsumerSettings {
@@ -211,6 +215,10 @@ pub struct ConsumerSettings {
     pub prefetch: u16,
     pub concurrency: usize,
     pub batch_size: usize,
+    /// Batches one worker runs at once; deliveries that arrive meanwhile wait
+    /// and form the next batch, so batches grow with the load.
+    #[serde(default = "default_consumer_batches_in_flight")]
+    pub batches_in_flight: usize,
     pub max_body_bytes: usize,
     #[serde(with = "humantime_serde")]
     pub handler_timeout: Duration,
@@ -412,6 +420,9 @@ impl Settings {
         if self.consumer.batch_size == 0 {
             return invalid("consumer.batch_size", "must be at least 1");
         }
+        if self.consumer.batches_in_flight == 0 {
+            return invalid("consumer.batches_in_flight", "must be at least 1");
+        }
         if !(0.0..=1.0).contains(&self.gateway_simulator.transient_error_rate) {
             return invalid(
                 "gateway_simulator.transient_error_rate",
@@ -560,6 +571,7 @@ mod tests {
             "producer.cancel_batch_max",
             "producer.cancel_batches_in_flight",
             "consumer.batch_size",
+            "consumer.batches_in_flight",
         ] {
             let figment = defaults().merge(Serialized::default(key, 0));
             let error = Settings::from_figment(figment).err().map(|e| e.to_string());

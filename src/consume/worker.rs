@@ -238,6 +238,7 @@ impl<H: Handler> Worker<H> {
         });
         let permits = Arc::new(Semaphore::new(self.config.settings.concurrency));
         let batch_size = self.config.settings.batch_size;
+        let batches_in_flight = self.config.settings.batches_in_flight;
         let mut in_flight = JoinSet::new();
         let ended = loop {
             tokio::select! {
@@ -250,8 +251,11 @@ impl<H: Handler> Worker<H> {
                 }
                 Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
                 // Only take a delivery we have room for: one left unstarted
-                // goes back to the queue on close.
-                next = consumer.next(), if permits.available_permits() > 0 => match next {
+                // goes back to the queue on close. While the batches in
+                // flight are full, arrivals wait and form the next batch
+                // together: under load each commit carries more deliveries.
+                next = consumer.next(), if permits.available_permits() > 0
+                    && in_flight.len() < batches_in_flight => match next {
                     None => break Err(anyhow::anyhow!("consumer stream ended")),
                     Some(Err(error)) => break Err(error.into()),
                     Some(Ok(delivery)) => {

@@ -7,7 +7,9 @@ use courier::{amqp::envelope, store};
 use figment::providers::Serialized;
 use lapin::BasicProperties;
 
-use crate::helpers::{TestEnv, consumer_stats, event_for, publish_event_into, wait_until};
+use crate::helpers::{
+    TestEnv, consumer_stats, event_for, publish_event_into, release_row_lock, wait_until,
+};
 
 const SETTLE: Duration = Duration::from_secs(30);
 
@@ -141,6 +143,50 @@ async fn a_refund_the_database_rejects_fails_alone_and_its_batch_neighbours_are_
         env.count("SELECT count(*) FROM refunds WHERE payment_id = 'pay-rejected'")
             .await,
         0
+    );
+    consumer.stop().await
+}
+
+/// One batch at a time: while the first refund's batch waits on a table lock
+/// the test holds, five more deliveries arrive one by one. None of them starts
+/// a batch of its own; released, they are refunded together in the next one.
+#[tokio::test]
+async fn deliveries_that_arrive_while_the_batches_run_form_the_next_batch_together()
+-> anyhow::Result<()> {
+    let env = TestEnv::with(|f| {
+        f.merge(Serialized::default("consumer.prefetch", 16))
+            .merge(Serialized::default("consumer.concurrency", 16))
+            .merge(Serialized::default("consumer.batch_size", 16))
+            .merge(Serialized::default("consumer.batches_in_flight", 1))
+    })
+    .await;
+    let consumer = env.start_consumer().await;
+    // Inserts wait behind this lock; the refund's order query does not.
+    let mut holder = env.lock_rows("LOCK TABLE refunds IN SHARE MODE").await?;
+    env.cancel_new_order("pay-first").await;
+    relay_all(&env).await;
+    env.wait_for_lock_waiters(1, "the first batch waits to insert its refund")
+        .await;
+    for n in 0..5 {
+        env.cancel_new_order(&format!("pay-later-{n}")).await;
+        relay_all(&env).await;
+        wait_until("the broker hands the delivery over", SETTLE, async || {
+            env.queue_depth("refunds").await == 0
+        })
+        .await;
+    }
+    release_row_lock(&mut holder).await?;
+    wait_until("all six are refunded", SETTLE, async || {
+        env.count("SELECT count(*) FROM refunds").await == 6
+    })
+    .await;
+    let stats = consumer_stats(&consumer).await;
+    let refunds = &stats["refunds"];
+    assert_eq!(refunds.handled, 6, "{refunds:?}");
+    assert_eq!(
+        (refunds.batches, refunds.largest_batch),
+        (2, 5),
+        "the five later deliveries should share one batch: {refunds:?}"
     );
     consumer.stop().await
 }
