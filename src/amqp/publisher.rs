@@ -2,7 +2,7 @@
 //! broker acked it and did not return it (`Ack` carrying a returned message
 //! means it was NOT delivered anywhere).
 
-use std::time::Duration;
+use std::{future::poll_fn, pin::Pin, task::Poll, time::Duration};
 
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, PublisherConfirm,
@@ -73,6 +73,41 @@ impl ConfirmedPublisher {
             )
             .await?;
         Ok(PendingConfirm(confirm))
+    }
+
+    /// Sends `messages` (routing key, body, properties) in the order given,
+    /// without waiting for one to be written before queueing the next: a
+    /// publish takes its delivery tag and queues its frames on its first
+    /// poll, and every poll below walks the sends in order, so the broker
+    /// receives them in that order. One result per message, in order.
+    pub async fn send_all<'a>(
+        &self,
+        exchange: &str,
+        messages: impl IntoIterator<Item = (&'a str, &'a [u8], BasicProperties)>,
+    ) -> Vec<Result<PendingConfirm, PublishError>> {
+        let mut sends: Vec<Pin<Box<_>>> = messages
+            .into_iter()
+            .map(|(routing_key, body, properties)| {
+                Box::pin(self.send(exchange, routing_key, body, properties))
+            })
+            .collect();
+        let mut results: Vec<Option<Result<PendingConfirm, PublishError>>> =
+            sends.iter().map(|_| None).collect();
+        poll_fn(|cx| {
+            for (send, result) in sends.iter_mut().zip(results.iter_mut()) {
+                if result.is_none()
+                    && let Poll::Ready(done) = send.as_mut().poll(cx)
+                {
+                    *result = Some(done);
+                }
+            }
+            if results.iter().all(Option::is_some) {
+                Poll::Ready(results.iter_mut().filter_map(Option::take).collect())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
     }
 
     /// Sends and waits for the confirm.

@@ -218,23 +218,30 @@ impl Relay {
         let _claim = Claim::new(&self.in_flight, rows.iter().map(|r| r.id).collect());
         let publisher = self.publisher().await?;
 
+        // All of the step's publishes go out together, still in id order,
+        // rather than one write per round trip to the connection's I/O loop.
+        let bodies: Vec<String> = rows.iter().map(|row| row.payload.to_string()).collect();
+        let results = publisher
+            .send_all(
+                self.exchange(),
+                rows.iter().zip(&bodies).map(|(row, body)| {
+                    (
+                        row.event_type.as_str(),
+                        body.as_bytes(),
+                        envelope::properties_for(row, &self.app_id),
+                    )
+                }),
+            )
+            .await;
         let mut sent = Vec::with_capacity(rows.len());
         let mut failures: Vec<(&outbox::OutboxRow, String)> = Vec::new();
-        for row in &rows {
-            let properties = envelope::properties_for(row, &self.app_id);
-            let body = row.payload.to_string();
-            match publisher
-                .send(
-                    self.exchange(),
-                    &row.event_type,
-                    body.as_bytes(),
-                    properties,
-                )
-                .await
-            {
+        for (row, result) in rows.iter().zip(results) {
+            match result {
                 Ok(pending) => sent.push((row, pending)),
                 Err(error) => {
-                    // The channel is gone: the rest of the batch waits for the next step.
+                    // The channel is gone: the rest of the batch waits for
+                    // the next step (a later row that did go out is simply
+                    // sent again, and the consumers' inbox absorbs it).
                     failures.push((row, error.to_string()));
                     break;
                 }

@@ -368,3 +368,40 @@ async fn overlapping_relay_steps_publish_each_row_once() {
         "nothing else published"
     );
 }
+
+/// The step's publishes go out together without waiting for each other, yet
+/// the broker gets them in the order of the outbox ids.
+#[tokio::test]
+async fn a_relay_step_publishes_its_rows_in_id_order() -> anyhow::Result<()> {
+    let env = TestEnv::new().await;
+    for n in 0..40 {
+        env.cancel_new_order(&format!("pay-order-{n}")).await;
+    }
+    let outcome = env.relay().relay_once().await?;
+    assert_eq!(
+        outcome,
+        RelayOutcome::Published {
+            published: 40,
+            failed: 0
+        }
+    );
+    let expected: Vec<String> = env
+        .outbox_rows("order.canceled")
+        .await
+        .iter()
+        .map(|row| row.event_id.to_string())
+        .collect();
+    let mut received = Vec::new();
+    while let Some(message) = env.take("refunds").await {
+        received.push(
+            message
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|id| id.to_string())
+                .unwrap_or_default(),
+        );
+    }
+    assert_eq!(received, expected);
+    Ok(())
+}
