@@ -32,7 +32,7 @@ pub enum Handled {
 }
 
 /// A handler's failure, by what the consume loop should do about it.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum HandlerError {
     /// Try again later through the delay tiers.
     #[error("{0}")]

@@ -6,12 +6,11 @@
 //! message twice; an e-mail cannot share a transaction with our database, and
 //! we prefer a duplicate e-mail to a lost one.
 
-use std::{path::PathBuf, time::Duration};
+use std::{io::Write, path::PathBuf, time::Duration};
 
 use futures_util::future::join_all;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use serde::Serialize;
-use tokio::io::AsyncWriteExt;
 use uuid::Uuid;
 
 use super::{Handled, Handler, HandlerError, Outcomes, Work, within};
@@ -69,23 +68,8 @@ impl Sender {
                 Ok(())
             }
             Self::File(path) => {
-                let mut line = serde_json::to_vec(notification)
-                    .map_err(|e| HandlerError::Permanent(e.to_string()))?;
-                line.push(b'\n');
-                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                    tokio::fs::create_dir_all(dir)
-                        .await
-                        .map_err(|e| HandlerError::Transient(format!("{}: {e}", dir.display())))?;
-                }
-                let mut file = tokio::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .await
-                    .map_err(|e| HandlerError::Transient(format!("{}: {e}", path.display())))?;
-                file.write_all(&line)
-                    .await
-                    .map_err(|e| HandlerError::Transient(format!("{}: {e}", path.display())))
+                let line = json_line(notification)?;
+                append_lines(path.clone(), line).await
             }
             Self::Smtp { transport, from } => {
                 let to = notification.to.parse().map_err(|e| {
@@ -108,6 +92,66 @@ impl Sender {
             }
         }
     }
+
+    /// Sends a batch: one result per notification, in order. The file
+    /// sender appends the whole batch with one write, where sending one by
+    /// one would cost each notification its own trips to the blocking pool
+    /// (create the directory, open, write); the others send each on its own.
+    pub async fn send_all(
+        &self,
+        notifications: &[Result<Notification, HandlerError>],
+        deadline: Duration,
+    ) -> Vec<Result<(), HandlerError>> {
+        let Self::File(path) = self else {
+            return join_all(notifications.iter().map(|n| async move {
+                match n {
+                    Ok(notification) => within(deadline, self.send(notification)).await,
+                    Err(error) => Err(error.clone()),
+                }
+            }))
+            .await;
+        };
+        let lines: Vec<Result<Vec<u8>, HandlerError>> = notifications
+            .iter()
+            .map(|n| n.as_ref().map_err(Clone::clone).and_then(json_line))
+            .collect();
+        let batch: Vec<u8> = lines.iter().flatten().flatten().copied().collect();
+        let written = if batch.is_empty() {
+            Ok(())
+        } else {
+            within(deadline, append_lines(path.clone(), batch)).await
+        };
+        lines
+            .into_iter()
+            .map(|line| line.and_then(|_| written.clone()))
+            .collect()
+    }
+}
+
+fn json_line(notification: &Notification) -> Result<Vec<u8>, HandlerError> {
+    let mut line =
+        serde_json::to_vec(notification).map_err(|e| HandlerError::Permanent(e.to_string()))?;
+    line.push(b'\n');
+    Ok(line)
+}
+
+/// Appends `lines` to the file at `path` with one write, creating the file
+/// and its directory when missing; on the blocking pool, in one trip.
+async fn append_lines(path: PathBuf, lines: Vec<u8>) -> Result<(), HandlerError> {
+    tokio::task::spawn_blocking(move || {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| HandlerError::Transient(format!("{}: {e}", dir.display())))?;
+        }
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut file| file.write_all(&lines))
+            .map_err(|e| HandlerError::Transient(format!("{}: {e}", path.display())))
+    })
+    .await
+    .map_err(|e| HandlerError::Transient(format!("notification file writer: {e}")))?
 }
 
 pub struct NotificationHandler {
@@ -126,14 +170,11 @@ impl Handler for NotificationHandler {
         NAME
     }
 
-    /// Sends each notification on its own, then records the sent ones in the
-    /// inbox with one statement.
+    /// Sends the batch's notifications (each file line, e-mail or log line its
+    /// own outcome), then records the sent ones in the inbox with one statement.
     async fn handle_batch(&self, batch: &[Work<'_>], deadline: Duration) -> Outcomes {
-        let sent = join_all(batch.iter().map(|work| async move {
-            let notification = notification_for(work)?;
-            within(deadline, self.sender.send(&notification)).await
-        }))
-        .await;
+        let notifications: Vec<_> = batch.iter().map(notification_for).collect();
+        let sent = self.sender.send_all(&notifications, deadline).await;
         let sent_ids: Vec<Uuid> = batch
             .iter()
             .zip(&sent)
@@ -177,4 +218,65 @@ fn notification_for(work: &Work<'_>) -> Result<Notification, HandlerError> {
             canceled.payment_id.as_str()
         ),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn notification(to: &str) -> Notification {
+        Notification {
+            message_id: Uuid::now_v7(),
+            to: to.to_owned(),
+            subject: "Your order was canceled".to_owned(),
+            body: "refunded".to_owned(),
+        }
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("courier-{name}-{}", Uuid::now_v7()))
+    }
+
+    #[tokio::test]
+    async fn a_batch_of_notifications_is_appended_in_order_each_with_its_own_outcome() {
+        let path = scratch("notifications").join("sent.jsonl");
+        let sender = Sender::File(path.clone());
+        let batch = [
+            Ok(notification("a@example.com")),
+            Err(HandlerError::Permanent("not a cancellation".to_owned())),
+            Ok(notification("b@example.com")),
+        ];
+        let results = sender.send_all(&batch, Duration::from_secs(5)).await;
+        assert!(results[0].is_ok() && results[2].is_ok(), "{results:?}");
+        assert!(
+            matches!(&results[1], Err(HandlerError::Permanent(_))),
+            "{results:?}"
+        );
+        let written = std::fs::read_to_string(&path).unwrap_or_default();
+        let recipients: Vec<String> = written
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter_map(|line| line["to"].as_str().map(str::to_owned))
+            .collect();
+        assert_eq!(recipients, ["a@example.com", "b@example.com"]);
+    }
+
+    #[tokio::test]
+    async fn a_notification_file_that_cannot_be_written_fails_the_batch_as_transient() {
+        // The notification file's directory is a plain file: nothing can be created in it.
+        let blocker = scratch("not-a-directory");
+        assert!(std::fs::write(&blocker, b"").is_ok());
+        let sender = Sender::File(blocker.join("sent.jsonl"));
+        let batch = [
+            Ok(notification("a@example.com")),
+            Ok(notification("b@example.com")),
+        ];
+        let results = sender.send_all(&batch, Duration::from_secs(5)).await;
+        assert!(
+            results
+                .iter()
+                .all(|r| matches!(r, Err(HandlerError::Transient(_)))),
+            "{results:?}"
+        );
+    }
 }
