@@ -31,9 +31,8 @@ use crate::{
 /// `http.max_connections` x 64 KiB in all). axum's default would be 2 MB.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
-/// The API with cancels gathered into batches as `batching` says (the
-/// gathering task starts here, on the current runtime).
-/// The order API; cancels go through `cancels`, which batches them.
+/// The order API; cancels go through `cancels`, which gathers them into
+/// batches.
 pub fn router(db: DbPool, cancels: CancelQueue) -> Router {
     let cancels: Router<DbPool> = Router::new()
         .route("/orders/{id}/cancel", post(cancel))

@@ -263,12 +263,13 @@ impl TestEnv {
         .await
     }
 
-    /// A session of the test's own holding the row locks that `select_for_update`
-    /// takes, in an open transaction, until [`release_row_lock`].
-    pub async fn lock_rows(&self, select_for_update: &str) -> anyhow::Result<AsyncPgConnection> {
+    /// A session of the test's own holding the locks that `locking_statement`
+    /// takes (`SELECT … FOR UPDATE`, `LOCK TABLE …`), in an open transaction,
+    /// until [`release_row_lock`].
+    pub async fn lock_rows(&self, locking_statement: &str) -> anyhow::Result<AsyncPgConnection> {
         let mut holder = store::connect(&self.settings.database.url()).await?;
         diesel::sql_query("BEGIN").execute(&mut holder).await?;
-        diesel::sql_query(select_for_update)
+        diesel::sql_query(locking_statement)
             .execute(&mut holder)
             .await?;
         Ok(holder)
