@@ -16,13 +16,15 @@ pub mod refunds;
 pub mod schema;
 pub mod shipments;
 
+use diesel::ConnectionError;
 use diesel_async::{
-    AsyncConnection, AsyncMigrationHarness, AsyncPgConnection,
+    AsyncConnection, AsyncMigrationHarness, AsyncPgConnection, RunQueryDsl,
     pooled_connection::{
         AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod, deadpool::Pool,
     },
 };
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
+use futures_util::{FutureExt, future::BoxFuture};
 
 use crate::config::DatabaseSettings;
 
@@ -153,9 +155,12 @@ where
 /// [`StoreError::Unavailable`], which callers already handle: the consumer
 /// requeues and pauses until [`ping`] answers, the relay backs off, the order
 /// API retries once through [`retry_once_if_unavailable`].
+///
+/// Every pooled session is opened by [`establish_pooled`].
 pub fn pool(settings: &DatabaseSettings) -> anyhow::Result<DbPool> {
     let mut config = ManagerConfig::default();
     config.recycling_method = RecyclingMethod::Fast;
+    config.custom_setup = Box::new(establish_pooled);
     let manager =
         AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(settings.url(), config);
     Pool::builder(manager)
@@ -167,9 +172,34 @@ pub fn pool(settings: &DatabaseSettings) -> anyhow::Result<DbPool> {
         .map_err(|e| anyhow::anyhow!("cannot build the database pool: {e}"))
 }
 
+/// Plans every statement for the table sizes of the moment it runs.
+///
+/// Diesel prepares each statement once per connection, and after five runs
+/// PostgreSQL may switch a prepared statement to a generic plan made for the
+/// table sizes of that moment and keep it for the life of the connection. On
+/// a new database the inbox and the refunds are empty then, so the generic
+/// plans scan them sequentially, and every batch pays a scan that grows with
+/// the table until an autovacuum happens to invalidate the plan: in a 20 s
+/// bench run at 900 orders/s, 594 sequential scans read 6.4 million inbox
+/// rows, and cancel→refund p99 doubled (BENCHMARKS.md). Planning each run
+/// costs a fraction of a millisecond per statement; a stale plan costs a
+/// table scan.
+const PLAN_FOR_EACH_RUN: &str = "SET plan_cache_mode = force_custom_plan";
+
+fn establish_pooled(url: &str) -> BoxFuture<'_, diesel::ConnectionResult<AsyncPgConnection>> {
+    async move {
+        let mut conn = AsyncPgConnection::establish(url).await?;
+        diesel::sql_query(PLAN_FOR_EACH_RUN)
+            .execute(&mut conn)
+            .await
+            .map_err(ConnectionError::CouldntSetupConfiguration)?;
+        Ok(conn)
+    }
+    .boxed()
+}
+
 /// Checks that the database answers.
 pub async fn ping(pool: &DbPool) -> Result<(), StoreError> {
-    use diesel_async::RunQueryDsl;
     let mut conn = pool.get().await?;
     diesel::sql_query("SELECT 1")
         .execute(&mut conn)

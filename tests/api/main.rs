@@ -16,6 +16,7 @@ mod observe;
 mod operate;
 mod orders;
 mod privilege;
+mod query_plans;
 mod refund_status;
 mod relay;
 mod shipping;
