@@ -156,7 +156,8 @@ where
 /// requeues and pauses until [`ping`] answers, the relay backs off, the order
 /// API retries once through [`retry_once_if_unavailable`].
 ///
-/// Every pooled session is opened by [`establish_pooled`].
+/// Every pooled session plans each statement afresh on every run (see
+/// `PLAN_FOR_EACH_RUN` below for why).
 pub fn pool(settings: &DatabaseSettings) -> anyhow::Result<DbPool> {
     let mut config = ManagerConfig::default();
     config.recycling_method = RecyclingMethod::Fast;
