@@ -711,28 +711,35 @@ async fn move_messages_like_the_ui(env: &TestEnv, from: &str, to: &str) -> anyho
 
 #[tokio::test]
 async fn a_policy_change_takes_effect_on_a_running_pipeline() -> anyhow::Result<()> {
-    // Lower the delivery limit from 50 (config) to 2 through the queue's
-    // policy while everything runs: a message that crashes the consumer is
-    // then dead-lettered after two deliveries instead of fifty.
+    // Lower the delivery limit from 50 (config) to 2 through the queues'
+    // policies while everything runs: a message that crashes the consumer is
+    // then dead-lettered after two deliveries instead of fifty. Both queues
+    // the event reaches get the new limit: the consumer dies at whichever of
+    // its copies comes first, so with the notifications copy still at fifty
+    // a loaded machine could spend any number of lives on it before the
+    // refunds copy came back often enough. With both at two, every life
+    // brings one of them closer to the dead-letter queue: at most six crashes.
     use crate::faults::harness::{CONSUMER, GATEWAY, PRODUCER, Run, assert_passed};
     let mut run = Run::new(|f| f.merge(Serialized::default("topology.delivery_limit", 50))).await;
     for name in [GATEWAY, PRODUCER] {
         run.spawn(name).await;
     }
     let operator = Management::as_operator(&run.settings.amqp)?;
-    let mut policy = run
-        .env
-        .topology
-        .plan()
-        .policy_for("refunds")
-        .cloned()
-        .ok_or_else(|| anyhow::anyhow!("refunds has a policy"))?;
-    policy
-        .definition
-        .insert("delivery-limit".into(), Value::from(2));
-    operator
-        .put_policy(&run.settings.amqp.vhost, &policy)
-        .await?;
+    for queue in ["refunds", "notifications"] {
+        let mut policy = run
+            .env
+            .topology
+            .plan()
+            .policy_for(queue)
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("{queue} has a policy"))?;
+        policy
+            .definition
+            .insert("delivery-limit".into(), Value::from(2));
+        operator
+            .put_policy(&run.settings.amqp.vhost, &policy)
+            .await?;
+    }
 
     let orders = run.cancel_orders(1, "pay-policy-crasher").await;
     let event_id = {
