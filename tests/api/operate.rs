@@ -405,16 +405,7 @@ async fn topology_check_names_every_difference_and_apply_puts_it_right() -> anyh
         .await?;
     let operator = Management::as_operator(&env.settings.amqp)?;
     let plan = env.topology.plan();
-    let mut policy = plan
-        .policy_for("refunds")
-        .cloned()
-        .ok_or_else(|| anyhow::anyhow!("refunds has a policy"))?;
-    policy
-        .definition
-        .insert("delivery-limit".into(), Value::from(3));
-    operator
-        .put_policy(&env.settings.amqp.vhost, &policy)
-        .await?;
+    set_delivery_limit(&operator, &env.settings.amqp.vhost, &plan, "refunds", 3).await?;
 
     let drifted = courier(&env, &["topology", "check"], "").await?;
     assert_eq!(drifted.code, Some(1), "{}", drifted.stdout);
@@ -709,6 +700,26 @@ async fn move_messages_like_the_ui(env: &TestEnv, from: &str, to: &str) -> anyho
     Ok(())
 }
 
+/// Changes `queue`'s delivery limit through its policy, as an operator would
+/// in the management UI.
+async fn set_delivery_limit(
+    operator: &Management,
+    vhost: &str,
+    plan: &courier::amqp::plan::TopologyPlan,
+    queue: &str,
+    limit: i64,
+) -> anyhow::Result<()> {
+    let mut policy = plan
+        .policy_for(queue)
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("{queue} has a policy"))?;
+    policy
+        .definition
+        .insert("delivery-limit".into(), Value::from(limit));
+    operator.put_policy(vhost, &policy).await?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_policy_change_takes_effect_on_a_running_pipeline() -> anyhow::Result<()> {
     // Lower the delivery limit from 50 (config) to 2 through the queues'
@@ -725,20 +736,9 @@ async fn a_policy_change_takes_effect_on_a_running_pipeline() -> anyhow::Result<
         run.spawn(name).await;
     }
     let operator = Management::as_operator(&run.settings.amqp)?;
+    let plan = run.env.topology.plan();
     for queue in ["refunds", "notifications"] {
-        let mut policy = run
-            .env
-            .topology
-            .plan()
-            .policy_for(queue)
-            .cloned()
-            .ok_or_else(|| anyhow::anyhow!("{queue} has a policy"))?;
-        policy
-            .definition
-            .insert("delivery-limit".into(), Value::from(2));
-        operator
-            .put_policy(&run.settings.amqp.vhost, &policy)
-            .await?;
+        set_delivery_limit(&operator, &run.settings.amqp.vhost, &plan, queue, 2).await?;
     }
 
     let orders = run.cancel_orders(1, "pay-policy-crasher").await;
