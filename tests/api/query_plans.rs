@@ -5,21 +5,14 @@ use courier::{
     domain::OrderId,
     store::{DbConn, inbox, orders},
 };
-use diesel::{QueryableByName, sql_types::BigInt};
 use uuid::Uuid;
 
 use crate::helpers::TestEnv;
 
-#[derive(QueryableByName)]
-struct Scans {
-    #[diesel(sql_type = BigInt)]
-    n: i64,
-}
-
-/// Sequential scans of `table` so far, this session's own included: a
+/// Sequential scans of `table` so far, the ones `conn` ran included: a
 /// backend reports its counters when it goes idle, at most once a second
 /// unless told to report at once.
-async fn seq_scans(conn: &mut DbConn, table: &str) -> i64 {
+async fn seq_scans(env: &TestEnv, conn: &mut DbConn, table: &str) -> i64 {
     // Imported here only: at module level its by-value `execute` would
     // shadow `TestEnv::execute`.
     use diesel_async::RunQueryDsl;
@@ -27,13 +20,10 @@ async fn seq_scans(conn: &mut DbConn, table: &str) -> i64 {
         .execute(conn)
         .await
         .unwrap_or_else(|e| panic!("flush: {e}"));
-    diesel::sql_query(format!(
-        "SELECT coalesce(seq_scan, 0) AS n FROM pg_stat_user_tables WHERE relname = '{table}'"
+    env.count(&format!(
+        "SELECT seq_scan FROM pg_stat_user_tables WHERE relname = '{table}'"
     ))
-    .get_result::<Scans>(conn)
     .await
-    .unwrap_or_else(|e| panic!("seq_scan of {table}: {e}"))
-    .n
 }
 
 async fn check_batch(conn: &mut DbConn, message_ids: &[Uuid], order_ids: &[OrderId]) {
@@ -90,13 +80,13 @@ async fn batch_checks_use_their_indexes_after_the_tables_grow_from_empty() {
     let tables = ["processed_messages", "refunds", "orders"];
     let mut before = Vec::new();
     for table in tables {
-        before.push(seq_scans(&mut conn, table).await);
+        before.push(seq_scans(&env, &mut conn, table).await);
     }
     for _ in 0..3 {
         check_batch(&mut conn, &message_ids, &order_ids).await;
     }
     for (table, before) in tables.into_iter().zip(before) {
-        let after = seq_scans(&mut conn, table).await;
+        let after = seq_scans(&env, &mut conn, table).await;
         assert_eq!(
             after - before,
             0,
