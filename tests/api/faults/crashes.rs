@@ -19,6 +19,12 @@ const RELAY_BATCH: usize = ORDERS / 4;
 /// finish `after - 1` deliveries before it dies, so the run progresses and
 /// the crash point is hit at an exact step.
 ///
+/// Only the `refunds` worker runs: a crash point counts hits across the
+/// whole process, so with the other workers running, their hits could kill
+/// each life while the same refund was in flight, until the delivery limit
+/// shelved it (a loaded CI run did exactly that). With one worker every
+/// delivery is handed back at most once.
+///
 /// The relay's crash points count steps, not rows: a relay that starts late
 /// would take all the orders in one batch and never reach its second step,
 /// so the batch is kept well below the number of orders.
@@ -31,6 +37,7 @@ async fn run_with_crashes(
         f.merge(Serialized::default("consumer.prefetch", 1))
             .merge(Serialized::default("consumer.concurrency", 1))
             .merge(Serialized::default("relay.batch_size", RELAY_BATCH))
+            .merge(Serialized::default("consumer.workers", ["refunds"]))
     })
     .await;
     run.set_env(
