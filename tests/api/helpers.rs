@@ -582,13 +582,10 @@ pub async fn consumer_stats_at(
         .unwrap_or_else(|e| panic!("consumer /stats body: {e}"))
 }
 
-/// A port that was free a moment ago, for a child process to listen on.
+/// A free address for a child process to listen on
+/// ([`crate::support::free_port`]).
 pub async fn free_port() -> String {
-    let listener = bind().await;
-    listener
-        .local_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_else(|e| panic!("{e}"))
+    format!("127.0.0.1:{}", crate::support::free_port())
 }
 
 /// Properties of a well-formed `order.canceled` message under a new message

@@ -22,7 +22,7 @@ pub use pg_cluster::PgCluster;
 #[allow(unused_imports)]
 pub use proxy::TcpProxy;
 #[allow(unused_imports)]
-pub use sys::append_log;
+pub use sys::{append_log, free_port};
 
 /// Stops and removes the throwaway servers of test processes that died
 /// without running their destructors (SIGKILL, Ctrl-C, a CI timeout); each

@@ -6,6 +6,10 @@ use std::{
     net::TcpListener,
     path::{Path, PathBuf},
     process::{Child, ExitStatus},
+    sync::{
+        OnceLock,
+        atomic::{AtomicU32, Ordering},
+    },
     thread,
     time::{Duration, Instant},
 };
@@ -15,13 +19,38 @@ use nix::{
     unistd::Pid,
 };
 
-/// A port nobody listens on right now (bound once by the kernel's choice,
-/// then released for the server to take).
+/// A port nobody listens on right now, for a server a test starts.
+///
+/// Taken below the kernel's ephemeral range, so no outgoing connection of
+/// any process can be given it between this check and the server's bind
+/// (the kernel's own choice, `bind(0)`, comes from that very range), and
+/// from a counter, so two tests of this process never get the same one.
+/// A port some other server holds is skipped.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("cannot find a free port: {e}"))
+    static NEXT: OnceLock<AtomicU32> = OnceLock::new();
+    let (low, high) = below_ephemeral_range();
+    let span = u32::from(high - low);
+    let next = NEXT.get_or_init(|| AtomicU32::new(rand::random::<u32>() % span));
+    for _ in 0..span {
+        let port = low
+            + u16::try_from(next.fetch_add(1, Ordering::Relaxed) % span)
+                .unwrap_or_else(|_| unreachable!("the offset is below a u16 span"));
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {low}..{high}")
+}
+
+/// Ports from 10000 up to where the kernel's ephemeral ports begin.
+fn below_ephemeral_range() -> (u16, u16) {
+    const LOW: u16 = 10_000;
+    let start = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .filter(|&start| start > LOW + 1_000)
+        .unwrap_or(32_768);
+    (LOW, start)
 }
 
 /// `<prefix>-<12 hex>`: unique enough for node names and directories.
@@ -281,4 +310,24 @@ pub async fn accepts(port: u16) -> bool {
         .await,
         Ok(Ok(_))
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+
+    #[test]
+    fn free_ports_are_below_the_ephemeral_range_and_never_handed_out_twice() {
+        let (low, high) = below_ephemeral_range();
+        let ports: Vec<u16> = (0..200).map(|_| free_port()).collect();
+        let distinct: HashSet<u16> = ports.iter().copied().collect();
+        assert_eq!(distinct.len(), ports.len(), "a port came twice: {ports:?}");
+        for port in ports {
+            assert!((low..high).contains(&port), "{port} not in {low}..{high}");
+            TcpListener::bind(("127.0.0.1", port))
+                .unwrap_or_else(|e| panic!("port {port} was handed out but is taken: {e}"));
+        }
+    }
 }
