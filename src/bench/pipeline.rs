@@ -2,7 +2,8 @@
 //! orders through the HTTP API, wait until every refund is recorded, and read
 //! what it cost. Throughput and latency come from the database's timestamps
 //! (see `store::metrics::RefundTiming`), CPU and memory from `/proc`, the
-//! statement counts from PostgreSQL's statistics views.
+//! transaction and row counts from PostgreSQL's statistics views, and the
+//! statements from courier's binaries' own count.
 
 use std::time::Duration;
 
@@ -68,6 +69,18 @@ pub struct RunFigures {
     pub counters: DbCounters,
     /// Batches the refunds worker ran (0 where there is no courier consumer).
     pub refund_batches: u64,
+    /// Statements courier's binaries sent during the run, as they count
+    /// them (`store::statements`); `None` for the peer.
+    pub statements: Option<u64>,
+}
+
+/// Statements courier's binaries have sent so far (none for the peer,
+/// which does not count its own).
+async fn statements_sent(target: &Target<'_>) -> anyhow::Result<Option<u64>> {
+    match &target.progress {
+        Progress::Courier(courier) => courier.statements_sent().await.map(Some),
+        Progress::RefundRows => Ok(None),
+    }
 }
 
 /// Batches the refunds worker has run so far, from its counters.
@@ -139,6 +152,7 @@ pub async fn run(
     let mut polls = 0i64;
     let (base_refunds, base_notified) = settled(target, &orders, &mut polls).await?;
     let base_batches = refund_batches(target).await?;
+    let base_statements = statements_sent(target).await?;
     polls = 0;
 
     let monitor = Monitor::start(
@@ -183,6 +197,10 @@ pub async fn run(
     }
     let costs = monitor.finish().await;
     let batches = refund_batches(target).await? - base_batches;
+    let statements = match (statements_sent(target).await?, base_statements) {
+        (Some(now), Some(base)) => Some(now - base),
+        _ => None,
+    };
 
     let (after, reads) = settled_counters(&mut stats_conn).await?;
     let mut counters = after.since(&before);
@@ -224,6 +242,7 @@ pub async fn run(
         costs,
         counters,
         refund_batches: batches,
+        statements,
     })
 }
 

@@ -240,6 +240,18 @@ impl Results {
             ),
         );
         t.opt(
+            "DB per order: statements sent by producer and consumer (BEGIN and COMMIT included)",
+            Spread::of(
+                &self
+                    .pipeline
+                    .iter()
+                    .filter_map(|r| r.statements.map(|n| n as f64 / r.orders as f64))
+                    .collect::<Vec<_>>(),
+            )
+            .map(|s| s.display(2).to_string()),
+            "",
+        );
+        t.opt(
             "consumer: refunds per commit (mean batch of the refunds worker)",
             Spread::of(
                 &self
@@ -417,8 +429,11 @@ impl Results {
              (the whole broker) and of the PostgreSQL backends serving the run's database, from the \
              first cancel until every refund and notification was settled. Peak RSS is `VmHWM`. \
              DB per order from `pg_stat_database.xact_commit` (every statement outside a \
-             transaction counts as one) and the sums of `pg_stat_user_tables` — \
-             `pg_stat_statements` is not loaded on this server and loading it needs a restart."
+             transaction counts as one) and the sums of `pg_stat_user_tables`; statements per \
+             order from the producer's and the consumer's own count \
+             (`courier_database_statements_total` in their `/metrics`, every statement Diesel \
+             sent, `BEGIN` and `COMMIT` included), since `pg_stat_statements` is not loaded on \
+             this server and loading it needs a restart."
         );
         if !self.plots.is_empty() {
             let _ = writeln!(out);

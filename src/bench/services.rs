@@ -147,6 +147,19 @@ impl Courier {
         Ok((done("refunds"), done("notifications")))
     }
 
+    /// Statements the producer and the consumer have sent to PostgreSQL so
+    /// far, from their `/metrics`.
+    pub async fn statements_sent(&self) -> anyhow::Result<u64> {
+        let mut sum = 0;
+        for base in [&self.api_url, &self.stats_url] {
+            let url = format!("{base}/metrics");
+            let text = self.http.get(&url).send().await?.text().await?;
+            sum +=
+                statements_in(&text).ok_or_else(|| anyhow::anyhow!("{url} has no {STATEMENTS}"))?;
+        }
+        Ok(sum)
+    }
+
     /// Each binary as a measured group.
     pub fn groups(&self) -> Vec<Group> {
         process_groups(&self.pids, false)
@@ -165,6 +178,19 @@ impl Courier {
         }
         unclean
     }
+}
+
+const STATEMENTS: &str = "courier_database_statements_total";
+
+/// The statement count in a `/metrics` text.
+fn statements_in(metrics: &str) -> Option<u64> {
+    metrics.lines().find_map(|line| {
+        line.strip_prefix(STATEMENTS)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }
 
 /// The Celery peer: its HTTP API, its worker and its own payment gateway.

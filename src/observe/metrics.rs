@@ -69,6 +69,21 @@ fn gauge(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: f64) ->
     ConstGauge::new(value).encode(encoder.encode_descriptor(name, help, None, MetricType::Gauge)?)
 }
 
+/// The statements this process sent to PostgreSQL.
+#[derive(Debug)]
+struct StatementCollector(u64);
+
+impl Collector for StatementCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        counters(
+            &mut encoder,
+            "courier_database_statements",
+            "Statements this process sent to PostgreSQL (BEGIN and COMMIT included).",
+            &[(Vec::new(), self.0)],
+        )
+    }
+}
+
 /// What one publisher's outbox looked like at scrape time.
 #[derive(Debug)]
 struct OutboxNow {
@@ -227,6 +242,7 @@ pub async fn service(
         });
     }
     let mut registry = Registry::default();
+    registry.register_collector(Box::new(StatementCollector(store::statements::sent())));
     registry.register_collector(Box::new(RelayCollector(now)));
     registry.register_collector(Box::new(ConsumerCollector(workers.clone())));
     registry.register_collector(Box::new(GaugeCollector(

@@ -15,6 +15,7 @@ pub mod outbox;
 pub mod refunds;
 pub mod schema;
 pub mod shipments;
+pub mod statements;
 
 use diesel::ConnectionError;
 use diesel_async::{
@@ -190,6 +191,7 @@ const PLAN_FOR_EACH_RUN: &str = "SET plan_cache_mode = force_custom_plan";
 fn establish_pooled(url: &str) -> BoxFuture<'_, diesel::ConnectionResult<AsyncPgConnection>> {
     async move {
         let mut conn = AsyncPgConnection::establish(url).await?;
+        conn.set_instrumentation(statements::CountStatements::process_wide());
         diesel::sql_query(PLAN_FOR_EACH_RUN)
             .execute(&mut conn)
             .await
@@ -211,9 +213,11 @@ pub async fn ping(pool: &DbPool) -> Result<(), StoreError> {
 
 /// Opens one dedicated connection (the relay's LISTEN connection, migrations).
 pub async fn connect(url: &str) -> Result<AsyncPgConnection, StoreError> {
-    AsyncPgConnection::establish(url)
+    let mut conn = AsyncPgConnection::establish(url)
         .await
-        .map_err(|e| StoreError::Unavailable(e.to_string()))
+        .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+    conn.set_instrumentation(statements::CountStatements::process_wide());
+    Ok(conn)
 }
 
 /// Applies pending migrations and returns the versions applied.

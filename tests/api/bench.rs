@@ -74,6 +74,16 @@ async fn the_quick_bench_runs_end_to_end_and_writes_a_well_formed_table() -> any
     ] {
         assert!(table.contains(figure), "`{figure}` missing:\n{table}");
     }
+    // Counted by the binaries themselves: a figure, not "n/a".
+    let statements = rows
+        .iter()
+        .find(|row| row.contains("statements sent by producer and consumer"))
+        .and_then(|row| row.split('|').nth(2))
+        .and_then(|value| value.split_whitespace().next()?.parse::<f64>().ok());
+    assert!(
+        statements.is_some_and(|n| n > 0.0),
+        "statements per order: {statements:?}\n{table}"
+    );
     let written = std::fs::read_to_string(out_dir.join("BENCHMARKS.md"))?;
     assert!(
         written.contains(bench::report::BEGIN) && written.contains(&table),

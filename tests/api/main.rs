@@ -21,4 +21,5 @@ mod refund_status;
 mod relay;
 mod shipping;
 mod startup;
+mod statements;
 mod support;

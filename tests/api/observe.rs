@@ -112,6 +112,13 @@ async fn metrics_counters_move_as_the_pipeline_runs() -> anyhow::Result<()> {
     );
 
     let text = scrape(&consumer).await?;
+    let statements = |text: &str| sample(text, "courier_database_statements_total");
+    assert!(
+        statements(&text) > statements(&before) && statements(&before).is_some(),
+        "the statements sent to PostgreSQL: {:?} then {:?}",
+        statements(&before),
+        statements(&text)
+    );
     assert!(
         sample(
             &text,
