@@ -251,22 +251,84 @@ impl Run {
     pub async fn cancel_orders(&mut self, n: usize, payment_prefix: &str) -> Vec<Uuid> {
         let mut ids = Vec::with_capacity(n);
         for i in 0..n {
-            let body = serde_json::json!({
-                "payment_id": format!("{payment_prefix}-{i}"),
-                "amount_cents": 100 + i,
-                "customer_email": format!("c{i}@example.org"),
-            });
-            let order = self.post_retrying("/orders", Some(&body), &[201]).await;
-            let id = order["id"]
-                .as_str()
-                .and_then(|s| Uuid::parse_str(s).ok())
-                .unwrap_or_else(|| panic!("{order}"));
+            let id = self.place_order(payment_prefix, i).await;
             // 409 "already canceled": an earlier try got through before the producer died.
             self.post_retrying(&format!("/orders/{id}/cancel"), None, &[200, 409])
                 .await;
             ids.push(id);
         }
         ids
+    }
+
+    /// Places `n` orders, then cancels them through `clients` concurrent
+    /// requests, so the order service commits them in batches and the
+    /// relay and the workers see batches too. A cancel that finds no
+    /// producer is sent again once the dead processes are restarted.
+    pub async fn cancel_orders_concurrently(
+        &mut self,
+        n: usize,
+        payment_prefix: &str,
+        clients: usize,
+    ) -> Vec<Uuid> {
+        use futures_util::StreamExt;
+        let mut ids = Vec::with_capacity(n);
+        for i in 0..n {
+            ids.push(self.place_order(payment_prefix, i).await);
+        }
+        let listen = self.settings.producer.listen;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let mut pending = ids.clone();
+        while !pending.is_empty() {
+            let http = &self.http;
+            let answers: Vec<(Uuid, reqwest::Result<reqwest::Response>)> =
+                futures_util::stream::iter(pending)
+                    .map(|id| async move {
+                        let url = format!("http://{listen}/orders/{id}/cancel");
+                        (id, http.post(url).send().await)
+                    })
+                    .buffer_unordered(clients)
+                    .collect()
+                    .await;
+            pending = Vec::new();
+            for (id, answer) in answers {
+                match answer {
+                    // 409 "already canceled": an earlier try got through
+                    // before the producer died.
+                    Ok(response) if [200, 409].contains(&response.status().as_u16()) => {}
+                    Ok(response) => panic!(
+                        "cancel {id}: {} {}",
+                        response.status(),
+                        response.text().await.unwrap_or_default()
+                    ),
+                    Err(error) => {
+                        assert!(
+                            tokio::time::Instant::now() < deadline,
+                            "cancel {id} kept failing: {error}"
+                        );
+                        pending.push(id);
+                    }
+                }
+            }
+            if !pending.is_empty() {
+                self.keep_alive().await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        ids
+    }
+
+    /// Places the `i`-th order of `payment_prefix` through the producer's API.
+    async fn place_order(&mut self, payment_prefix: &str, i: usize) -> Uuid {
+        let body = serde_json::json!({
+            "payment_id": format!("{payment_prefix}-{i}"),
+            "amount_cents": 100 + i,
+            "customer_email": format!("c{i}@example.org"),
+        });
+        let order = self.post_retrying("/orders", Some(&body), &[201]).await;
+        order["id"]
+            .as_str()
+            .and_then(|s| Uuid::parse_str(s).ok())
+            .unwrap_or_else(|| panic!("{order}"))
     }
 
     /// Places `n` orders through the producer's API and changes each one's

@@ -142,6 +142,9 @@ async fn soak() {
     .await;
     run.start_all().await;
 
+    // Cancels sent at once, so the order service commits them in batches and
+    // the kills land in the middle of batches on every side.
+    let clients = knob("COURIER_SOAK_CLIENTS", 8);
     let per_step = orders / (faults.len() + 1);
     let address_orders = knob(
         "COURIER_SOAK_ADDRESS_ORDERS_PER_STEP",
@@ -154,7 +157,7 @@ async fn soak() {
     let mut addressed = 0;
     for (step, fault) in faults.iter().enumerate() {
         let canceled = run
-            .cancel_orders(per_step, &format!("pay-soak-{step}"))
+            .cancel_orders_concurrently(per_step, &format!("pay-soak-{step}"), clients)
             .await;
         if let Some(first) = canceled.first() {
             forgeries.publish(&run, *first, step).await;
@@ -189,7 +192,10 @@ async fn soak() {
         run.keep_alive().await;
     }
     let rest = orders - per_step * faults.len();
-    scope.extend(run.cancel_orders(rest, "pay-soak-last").await);
+    scope.extend(
+        run.cancel_orders_concurrently(rest, "pay-soak-last", clients)
+            .await,
+    );
     let report = run.settle(&scope, Duration::from_secs(900)).await;
     let elapsed = started.elapsed();
 
@@ -266,6 +272,31 @@ async fn soak() {
     println!(
         "| duplicate refund reports absorbed (order service logs) | {} |",
         run.log_count(PRODUCER, "duplicate delivery absorbed")
+    );
+    let per_commit = |rows: i64, commits: i64| rows as f64 / commits.max(1) as f64;
+    println!(
+        "| cancels per commit, from {clients} concurrent clients (mean; one transaction id per commit) | {:.1} |",
+        per_commit(
+            run.env
+                .count("SELECT count(*) FROM outbox WHERE event_type = 'order.canceled'")
+                .await,
+            run.env
+                .count(
+                    "SELECT count(DISTINCT tx_id) FROM outbox WHERE event_type = 'order.canceled'"
+                )
+                .await
+        )
+    );
+    println!(
+        "| refunds per commit (mean; one inbox time per commit) | {:.1} |",
+        per_commit(
+            run.env
+                .count("SELECT count(*) FROM processed_messages WHERE consumer = 'refunds'")
+                .await,
+            run.env
+                .count("SELECT count(DISTINCT processed_at) FROM processed_messages WHERE consumer = 'refunds'")
+                .await
+        )
     );
     println!("| wall time | {:.0} s |", elapsed.as_secs_f64());
     assert_passed(&report, "soak");
