@@ -211,7 +211,7 @@ pub async fn ping(pool: &DbPool) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Opens one dedicated connection (the relay's LISTEN connection, migrations).
+/// Opens one dedicated connection (the CLI's commands, the demo, the bench).
 pub async fn connect(url: &str) -> Result<AsyncPgConnection, StoreError> {
     let mut conn = AsyncPgConnection::establish(url)
         .await

@@ -30,7 +30,7 @@ impl CountStatements {
 
     /// Into a counter of the caller's (a test's, kept apart from the
     /// statements of everything else in its process).
-    pub fn into(counter: &'static AtomicU64) -> Self {
+    pub fn counting_into(counter: &'static AtomicU64) -> Self {
         Self(counter)
     }
 }

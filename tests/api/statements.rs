@@ -23,7 +23,7 @@ async fn every_statement_sent_is_counted_once_begin_commit_and_failures_included
     let mut conn = store::connect(&env.settings.database.url())
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    conn.set_instrumentation(CountStatements::into(&COUNTED));
+    conn.set_instrumentation(CountStatements::counting_into(&COUNTED));
 
     // One plain statement, one built by Diesel.
     diesel::sql_query("SELECT 1")
