@@ -251,7 +251,7 @@ impl Run {
     pub async fn cancel_orders(&mut self, n: usize, payment_prefix: &str) -> Vec<Uuid> {
         let mut ids = Vec::with_capacity(n);
         for i in 0..n {
-            let id = self.place_order(payment_prefix, i).await;
+            let id = self.place_order(payment_prefix, i, "c").await;
             // 409 "already canceled": an earlier try got through before the producer died.
             self.post_retrying(&format!("/orders/{id}/cancel"), None, &[200, 409])
                 .await;
@@ -273,42 +273,32 @@ impl Run {
         use futures_util::StreamExt;
         let mut ids = Vec::with_capacity(n);
         for i in 0..n {
-            ids.push(self.place_order(payment_prefix, i).await);
+            ids.push(self.place_order(payment_prefix, i, "c").await);
         }
-        let listen = self.settings.producer.listen;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         let mut pending = ids.clone();
         while !pending.is_empty() {
-            let http = &self.http;
-            let answers: Vec<(Uuid, reqwest::Result<reqwest::Response>)> =
-                futures_util::stream::iter(pending)
-                    .map(|id| async move {
-                        let url = format!("http://{listen}/orders/{id}/cancel");
-                        (id, http.post(url).send().await)
-                    })
-                    .buffer_unordered(clients)
-                    .collect()
-                    .await;
-            pending = Vec::new();
-            for (id, answer) in answers {
-                match answer {
+            let (http, listen) = (&self.http, self.settings.producer.listen);
+            pending = futures_util::stream::iter(pending)
+                .map(|id| async move {
+                    let path = format!("/orders/{id}/cancel");
                     // 409 "already canceled": an earlier try got through
                     // before the producer died.
-                    Ok(response) if [200, 409].contains(&response.status().as_u16()) => {}
-                    Ok(response) => panic!(
-                        "cancel {id}: {} {}",
-                        response.status(),
-                        response.text().await.unwrap_or_default()
-                    ),
-                    Err(error) => {
-                        assert!(
-                            tokio::time::Instant::now() < deadline,
-                            "cancel {id} kept failing: {error}"
-                        );
-                        pending.push(id);
-                    }
-                }
-            }
+                    let sent = send_once(
+                        http,
+                        listen,
+                        reqwest::Method::POST,
+                        &path,
+                        None,
+                        &[200, 409],
+                        deadline,
+                    );
+                    sent.await.err().map(|()| id)
+                })
+                .buffer_unordered(clients)
+                .filter_map(std::future::ready)
+                .collect()
+                .await;
             if !pending.is_empty() {
                 self.keep_alive().await;
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -317,12 +307,13 @@ impl Run {
         ids
     }
 
-    /// Places the `i`-th order of `payment_prefix` through the producer's API.
-    async fn place_order(&mut self, payment_prefix: &str, i: usize) -> Uuid {
+    /// Places the `i`-th order of `payment_prefix` (its customer
+    /// `<email_prefix><i>@example.org`) through the producer's API.
+    async fn place_order(&mut self, payment_prefix: &str, i: usize, email_prefix: &str) -> Uuid {
         let body = serde_json::json!({
             "payment_id": format!("{payment_prefix}-{i}"),
             "amount_cents": 100 + i,
-            "customer_email": format!("c{i}@example.org"),
+            "customer_email": format!("{email_prefix}{i}@example.org"),
         });
         let order = self.post_retrying("/orders", Some(&body), &[201]).await;
         order["id"]
@@ -337,16 +328,7 @@ impl Run {
     pub async fn change_addresses(&mut self, n: usize, changes: usize, prefix: &str) -> Vec<Uuid> {
         let mut ids = Vec::with_capacity(n);
         for i in 0..n {
-            let body = serde_json::json!({
-                "payment_id": format!("{prefix}-{i}"),
-                "amount_cents": 100 + i,
-                "customer_email": format!("s{i}@example.org"),
-            });
-            let order = self.post_retrying("/orders", Some(&body), &[201]).await;
-            let id = order["id"]
-                .as_str()
-                .and_then(|s| Uuid::parse_str(s).ok())
-                .unwrap_or_else(|| panic!("{order}"));
+            let id = self.place_order(prefix, i, "s").await;
             for change in 1..=changes {
                 let address = serde_json::json!({
                     "shipping_address": format!("{change} {prefix} Street\nOrder {i}"),
@@ -383,27 +365,12 @@ impl Run {
         body: Option<&serde_json::Value>,
         ok: &[u16],
     ) -> serde_json::Value {
-        let url = format!("http://{}{path}", self.settings.producer.listen);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
-            let mut request = self.http.request(method.clone(), &url);
-            if let Some(body) = body {
-                request = request.json(body);
-            }
-            match request.send().await {
-                Ok(response) if ok.contains(&response.status().as_u16()) => {
-                    return response.json().await.unwrap_or(serde_json::Value::Null);
-                }
-                Ok(response) => panic!(
-                    "{method} {path}: {} {}",
-                    response.status(),
-                    response.text().await.unwrap_or_default()
-                ),
-                Err(error) => {
-                    assert!(
-                        tokio::time::Instant::now() < deadline,
-                        "{method} {path} kept failing: {error}"
-                    );
+            let listen = self.settings.producer.listen;
+            match send_once(&self.http, listen, method.clone(), path, body, ok, deadline).await {
+                Ok(answer) => return answer,
+                Err(()) => {
                     self.keep_alive().await;
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
@@ -537,6 +504,42 @@ impl Run {
 }
 
 /// Asserts the run's verdict and prints the checker's table.
+/// Sends one request to the producer's API at `listen`: its JSON answer
+/// (null when it has none) if the status is one of `ok`, `Err` if the
+/// producer could not be reached (it may be restarting) before `deadline`.
+/// Any other status fails the test.
+async fn send_once(
+    http: &reqwest::Client,
+    listen: std::net::SocketAddr,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<&serde_json::Value>,
+    ok: &[u16],
+    deadline: tokio::time::Instant,
+) -> Result<serde_json::Value, ()> {
+    let mut request = http.request(method.clone(), format!("http://{listen}{path}"));
+    if let Some(body) = body {
+        request = request.json(body);
+    }
+    match request.send().await {
+        Ok(response) if ok.contains(&response.status().as_u16()) => {
+            Ok(response.json().await.unwrap_or(serde_json::Value::Null))
+        }
+        Ok(response) => panic!(
+            "{method} {path}: {} {}",
+            response.status(),
+            response.text().await.unwrap_or_default()
+        ),
+        Err(error) => {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{method} {path} kept failing: {error}"
+            );
+            Err(())
+        }
+    }
+}
+
 pub fn assert_passed(report: &Report, what: &str) {
     println!(
         "{what}: canceled {}, refunded {}, in gateway {}, dead {:?}, lost {}, doubled {}, without cancel {}, stuck {}, refunded but shelved {}, refund statuses {:?}, without status {}, status mismatch {}, shipping changed {}, unconverged {}",
