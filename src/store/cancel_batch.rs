@@ -24,6 +24,7 @@ use super::{
     StoreError,
     orders::{self, ChangeOrderError, OrderRow},
     outbox::EventColumns,
+    prepared::prepared_sql,
     schema::orders as orders_table,
 };
 use crate::domain::{CancelError, EventId, EventRecord, Order, OrderId};
@@ -168,7 +169,7 @@ async fn write_many(
             .iter()
             .map(|c| (&c.record, requests[c.index].correlation_id.as_deref())),
     );
-    diesel::sql_query(
+    prepared_sql(
         "WITH input AS ( \
              SELECT * FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::timestamptz[], \
                                   $5::bigint[], $6::uuid[], $7::text[], $8::int[], $9::text[], \

@@ -7,7 +7,7 @@ use diesel::prelude::*;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
-use super::{StoreError, schema::processed_messages};
+use super::{StoreError, prepared::prepared_sql, schema::processed_messages};
 
 /// Records the message as processed. Returns `false` if it already was: the
 /// caller is racing a duplicate and must roll its effect back.
@@ -60,7 +60,7 @@ pub async fn record_many(
     if message_ids.is_empty() {
         return Ok(HashSet::new());
     }
-    diesel::sql_query(
+    prepared_sql(
         "INSERT INTO processed_messages (consumer, message_id) \
          SELECT $1, unnest($2::uuid[]) \
          ON CONFLICT DO NOTHING \

@@ -12,6 +12,7 @@ pub mod inbox;
 pub mod metrics;
 pub mod orders;
 pub mod outbox;
+pub mod prepared;
 pub mod refunds;
 pub mod schema;
 pub mod shipments;

@@ -15,6 +15,7 @@ use uuid::Uuid;
 
 use super::{
     ConnectionFailure, StoreError, inbox,
+    prepared::prepared_sql,
     schema::{orders, refunds},
 };
 use crate::domain::{
@@ -210,7 +211,7 @@ async fn write_with_event(
     correlation_id: Option<&str>,
 ) -> QueryResult<bool> {
     use diesel::sql_types::{BigInt, Integer, Jsonb, Nullable, Text, Timestamptz, Uuid as SqlUuid};
-    let inserted = diesel::sql_query(
+    let inserted = prepared_sql(
         "WITH changed AS ( \
              UPDATE orders SET state = $2, version = $3, updated_at = $4, shipping_address = $15 \
              WHERE id = $1 AND version = $5 \
@@ -466,7 +467,7 @@ async fn write_refund_statuses(
     let names: Vec<&str> = statuses.iter().map(|(_, s)| s.as_str()).collect();
     let reasons: Vec<Option<&str>> = statuses.iter().map(|(_, s)| s.reason()).collect();
     let at: Vec<DateTime<Utc>> = statuses.iter().map(|(_, s)| s.at()).collect();
-    diesel::sql_query(
+    prepared_sql(
         "UPDATE orders o SET refund_status = s.status, refund_failure_reason = s.reason, \
                              refund_status_at = s.at \
          FROM unnest($1::uuid[], $2::text[], $3::text[], $4::timestamptz[]) \

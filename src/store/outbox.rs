@@ -13,7 +13,7 @@ use diesel::prelude::*;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
-use super::{StoreError, schema::outbox};
+use super::{StoreError, prepared::prepared_sql, schema::outbox};
 use crate::domain::{EventRecord, Publisher};
 
 /// A stored event as the relay publishes it.
@@ -73,7 +73,7 @@ pub async fn insert(
         return Ok(0);
     }
     let e = EventColumns::of(events.iter().copied());
-    diesel::sql_query(
+    prepared_sql(
         "INSERT INTO outbox (event_id, publisher, event_type, event_version, aggregate_type, \
                              aggregate_id, aggregate_version, payload, correlation_id, \
                              occurred_at) \
@@ -172,24 +172,22 @@ impl<'a> EventColumns<'a> {
 }
 
 /// Marks rows published; only rows still pending are touched, so a row is
-/// stamped once even if two relays raced on it.
+/// stamped once even if two relays raced on it. Raw SQL so that it is
+/// prepared once ([`super::prepared`]): Diesel's `UPDATE` never is, and
+/// every relay step runs this.
 pub async fn mark_published(
     conn: &mut AsyncPgConnection,
     ids: &[i64],
 ) -> Result<usize, StoreError> {
+    use diesel::sql_types::{Array, BigInt};
     if ids.is_empty() {
         return Ok(0);
     }
-    diesel::update(
-        outbox::table
-            .filter(outbox::id.eq_any(ids))
-            .filter(outbox::published_at.is_null()),
+    prepared_sql(
+        "UPDATE outbox SET published_at = now(), attempts = attempts + 1, last_error = NULL \
+         WHERE id = ANY($1) AND published_at IS NULL",
     )
-    .set((
-        outbox::published_at.eq(diesel::dsl::now),
-        outbox::attempts.eq(outbox::attempts + 1),
-        outbox::last_error.eq(None::<String>),
-    ))
+    .bind::<Array<BigInt>, _>(ids)
     .execute(conn)
     .await
     .map_err(StoreError::classify)

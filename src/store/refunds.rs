@@ -6,10 +6,10 @@ use std::collections::HashSet;
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
-use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
-use super::{StoreError, inbox, outbox, schema::refunds};
+use super::{StoreError, outbox, prepared::prepared_sql, schema::refunds};
 use crate::domain::EventRecord;
 
 #[derive(Debug, Clone, Queryable, Selectable, Insertable)]
@@ -69,104 +69,152 @@ pub struct RecordedBatch {
 
 /// Writes a batch of refunds, their `refund.completed` events and their
 /// inbox rows, plus inbox rows for messages whose order was refunded already
-/// (`inbox_only`), in one transaction: four statements however large the
-/// batch. Each refund gets the outcome [`record_with_inbox`] would have
-/// given it alone, and an event only if its row was written.
+/// (`inbox_only`), in one statement however large the batch. Each refund
+/// gets the outcome [`record_with_inbox`] would have given it alone, and an
+/// event only if its row was written.
+///
+/// One statement is atomic on its own (P4 holds as in a transaction), and it
+/// is one round trip where `BEGIN`, three inserts and `COMMIT` were five: on
+/// a busy machine each round trip is a wait for the other process to be
+/// scheduled, and this commit is on every refund's path (BENCHMARKS.md).
 pub async fn record_batch_with_inbox(
     conn: &mut AsyncPgConnection,
     consumer: &str,
     refunds: &[NewRefund],
     inbox_only: &[Uuid],
 ) -> Result<RecordedBatch, StoreError> {
-    conn.transaction(async |conn| {
-        let ids: Vec<Uuid> = refunds
-            .iter()
-            .map(|r| r.row.event_id)
-            .chain(inbox_only.iter().copied())
-            .collect();
-        let new = inbox::record_many(conn, consumer, &ids).await?;
-        let fresh: Vec<&RefundRow> = refunds
-            .iter()
-            .map(|r| &r.row)
-            .filter(|r| new.contains(&r.event_id))
-            .collect();
-        let inserted = insert_fresh(conn, &fresh).await?;
-        // Each refund's event names the request it answers as its correlation.
-        let asked_by: Vec<String> = refunds.iter().map(|r| r.row.event_id.to_string()).collect();
-        let completed: Vec<_> = refunds
+    use diesel::sql_types::Uuid as SqlUuid;
+    use diesel::sql_types::{Array, BigInt, Integer, Jsonb, Nullable, Text, Timestamptz};
+    if refunds.is_empty() && inbox_only.is_empty() {
+        return Ok(RecordedBatch {
+            refunds: Vec::new(),
+            inbox_only: Vec::new(),
+        });
+    }
+    let rows: Vec<&RefundRow> = refunds.iter().map(|r| &r.row).collect();
+    let uuids = |f: &dyn Fn(&RefundRow) -> Uuid| rows.iter().map(|r| f(r)).collect::<Vec<_>>();
+    let texts = |f: &dyn Fn(&RefundRow) -> &str| rows.iter().map(|r| f(r)).collect::<Vec<_>>();
+    let times =
+        |f: &dyn Fn(&RefundRow) -> DateTime<Utc>| rows.iter().map(|r| f(r)).collect::<Vec<_>>();
+    // Each refund's event names the request it answers as its correlation.
+    let asked_by: Vec<String> = rows.iter().map(|r| r.event_id.to_string()).collect();
+    let e = outbox::EventColumns::of(
+        refunds
             .iter()
             .zip(&asked_by)
-            .filter(|(r, _)| inserted.contains(&r.row.event_id))
-            .map(|(r, asked_by)| (&r.completed, Some(asked_by.as_str())))
-            .collect();
-        outbox::insert(conn, &completed).await?;
-        Ok(RecordedBatch {
-            refunds: refunds
-                .iter()
-                .map(|r| &r.row)
-                .map(|r| {
-                    if !new.contains(&r.event_id) {
-                        Recorded::AlreadyProcessed
-                    } else if inserted.contains(&r.event_id) {
-                        Recorded::New
-                    } else {
-                        Recorded::OrderAlreadyRefunded
-                    }
-                })
-                .collect(),
-            inbox_only: inbox_only.iter().map(|id| new.contains(id)).collect(),
-        })
-    })
-    .await
-    .map_err(StoreError::classify)
-    .inspect(|recorded| {
-        if recorded.refunds.contains(&Recorded::New) {
-            crate::outbox::wake::rows_committed(crate::domain::Publisher::Refunds);
-        }
-    })
-}
-
-#[derive(QueryableByName)]
-struct Inserted {
-    #[diesel(sql_type = diesel::sql_types::Uuid)]
-    event_id: Uuid,
-}
-
-/// Inserts the refunds whose order has none yet and returns their event ids;
-/// one statement with the rows as arrays, prepared once for every batch size.
-async fn insert_fresh(
-    conn: &mut AsyncPgConnection,
-    fresh: &[&RefundRow],
-) -> QueryResult<HashSet<Uuid>> {
-    use diesel::sql_types::{Array, BigInt, Text, Timestamptz, Uuid as SqlUuid};
-    if fresh.is_empty() {
-        return Ok(HashSet::new());
-    }
-    let uuids = |f: &dyn Fn(&RefundRow) -> Uuid| fresh.iter().map(|r| f(r)).collect::<Vec<_>>();
-    let texts = |f: &dyn Fn(&RefundRow) -> &str| fresh.iter().map(|r| f(r)).collect::<Vec<_>>();
-    let times =
-        |f: &dyn Fn(&RefundRow) -> DateTime<Utc>| fresh.iter().map(|r| f(r)).collect::<Vec<_>>();
-    let amounts: Vec<i64> = fresh.iter().map(|r| r.amount_cents).collect();
-    diesel::sql_query(
-        "INSERT INTO refunds (id, order_id, event_id, payment_id, amount_cents, \
-                              gateway_refund_id, status, created_at, updated_at) \
-         SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::bigint[], \
-                              $6::text[], $7::text[], $8::timestamptz[], $9::timestamptz[]) \
-         ON CONFLICT (order_id) DO NOTHING \
-         RETURNING event_id",
+            .map(|(r, asked_by)| (&r.completed, Some(asked_by.as_str()))),
+    );
+    let inbox_ids: Vec<Uuid> = rows
+        .iter()
+        .map(|r| r.event_id)
+        .chain(inbox_only.iter().copied())
+        .collect();
+    // Every part of a statement sees the same snapshot, so each insert
+    // learns what the one before it wrote from its RETURNING, never by
+    // reading the table: a refund is written only if its message's inbox
+    // row is new, and its event only if the refund is.
+    let written: Vec<Written> = prepared_sql(
+        "WITH input AS ( \
+             SELECT * FROM unnest($3::uuid[], $4::uuid[], $5::uuid[], $6::text[], $7::bigint[], \
+                                  $8::text[], $9::text[], $10::timestamptz[], \
+                                  $11::timestamptz[], $12::uuid[], $13::text[], $14::text[], \
+                                  $15::int[], $16::text[], $17::text[], $18::bigint[], \
+                                  $19::jsonb[], $20::text[], $21::timestamptz[]) \
+                 WITH ORDINALITY AS i(id, order_id, event_id, payment_id, amount_cents, \
+                                      gateway_refund_id, status, created_at, updated_at, \
+                                      completed_id, publisher, event_type, event_version, \
+                                      aggregate_type, aggregate_id, aggregate_version, \
+                                      payload, correlation_id, occurred_at, n) \
+         ), inboxed AS ( \
+             INSERT INTO processed_messages (consumer, message_id) \
+             SELECT $1, unnest($2::uuid[]) \
+             ON CONFLICT DO NOTHING \
+             RETURNING message_id \
+         ), refunded AS ( \
+             INSERT INTO refunds (id, order_id, event_id, payment_id, amount_cents, \
+                                  gateway_refund_id, status, created_at, updated_at) \
+             SELECT i.id, i.order_id, i.event_id, i.payment_id, i.amount_cents, \
+                    i.gateway_refund_id, i.status, i.created_at, i.updated_at \
+             FROM input i WHERE i.event_id IN (SELECT message_id FROM inboxed) \
+             ORDER BY i.n \
+             ON CONFLICT (order_id) DO NOTHING \
+             RETURNING event_id \
+         ), announced AS ( \
+             INSERT INTO outbox (event_id, publisher, event_type, event_version, \
+                                 aggregate_type, aggregate_id, aggregate_version, payload, \
+                                 correlation_id, occurred_at) \
+             SELECT i.completed_id, i.publisher, i.event_type, i.event_version, \
+                    i.aggregate_type, i.aggregate_id, i.aggregate_version, i.payload, \
+                    i.correlation_id, i.occurred_at \
+             FROM input i JOIN refunded r ON r.event_id = i.event_id \
+             ORDER BY i.n \
+             ON CONFLICT (event_id) DO NOTHING \
+         ) \
+         SELECT message_id AS id, false AS refunded FROM inboxed \
+         UNION ALL SELECT event_id, true FROM refunded",
     )
+    .bind::<Text, _>(consumer)
+    .bind::<Array<SqlUuid>, _>(&inbox_ids)
     .bind::<Array<SqlUuid>, _>(uuids(&|r| r.id))
     .bind::<Array<SqlUuid>, _>(uuids(&|r| r.order_id))
     .bind::<Array<SqlUuid>, _>(uuids(&|r| r.event_id))
     .bind::<Array<Text>, _>(texts(&|r| &r.payment_id))
-    .bind::<Array<BigInt>, _>(amounts)
+    .bind::<Array<BigInt>, _>(rows.iter().map(|r| r.amount_cents).collect::<Vec<_>>())
     .bind::<Array<Text>, _>(texts(&|r| &r.gateway_refund_id))
     .bind::<Array<Text>, _>(texts(&|r| &r.status))
     .bind::<Array<Timestamptz>, _>(times(&|r| r.created_at))
     .bind::<Array<Timestamptz>, _>(times(&|r| r.updated_at))
-    .load::<Inserted>(conn)
+    .bind::<Array<SqlUuid>, _>(&e.event_ids)
+    .bind::<Array<Text>, _>(&e.publishers)
+    .bind::<Array<Text>, _>(&e.event_types)
+    .bind::<Array<Integer>, _>(&e.event_versions)
+    .bind::<Array<Text>, _>(&e.aggregate_types)
+    .bind::<Array<Text>, _>(&e.aggregate_ids)
+    .bind::<Array<BigInt>, _>(&e.aggregate_versions)
+    .bind::<Array<Jsonb>, _>(&e.payloads)
+    .bind::<Array<Nullable<Text>>, _>(&e.correlation_ids)
+    .bind::<Array<Timestamptz>, _>(&e.occurred_at)
+    .load(conn)
     .await
-    .map(|rows| rows.into_iter().map(|r| r.event_id).collect())
+    .map_err(StoreError::classify)?;
+    let new: HashSet<Uuid> = written
+        .iter()
+        .filter(|w| !w.refunded)
+        .map(|w| w.id)
+        .collect();
+    let inserted: HashSet<Uuid> = written
+        .iter()
+        .filter(|w| w.refunded)
+        .map(|w| w.id)
+        .collect();
+    if !inserted.is_empty() {
+        // One statement, committed by now.
+        crate::outbox::wake::rows_committed(crate::domain::Publisher::Refunds);
+    }
+    Ok(RecordedBatch {
+        refunds: rows
+            .iter()
+            .map(|r| {
+                if !new.contains(&r.event_id) {
+                    Recorded::AlreadyProcessed
+                } else if inserted.contains(&r.event_id) {
+                    Recorded::New
+                } else {
+                    Recorded::OrderAlreadyRefunded
+                }
+            })
+            .collect(),
+        inbox_only: inbox_only.iter().map(|id| new.contains(id)).collect(),
+    })
+}
+
+#[derive(QueryableByName)]
+struct Written {
+    #[diesel(sql_type = diesel::sql_types::Uuid)]
+    id: Uuid,
+    /// A refund row's event id; otherwise a new inbox row's message id.
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    refunded: bool,
 }
 
 pub async fn all(conn: &mut AsyncPgConnection) -> Result<Vec<RefundRow>, StoreError> {

@@ -15,6 +15,7 @@ mod money;
 mod observe;
 mod operate;
 mod orders;
+mod prepared;
 mod privilege;
 mod query_plans;
 mod refund_status;
