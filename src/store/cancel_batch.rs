@@ -15,7 +15,7 @@ use std::collections::{HashMap, HashSet};
 use chrono::{DateTime, Utc};
 use diesel::{
     prelude::*,
-    sql_types::{Array, BigInt, Integer, Jsonb, Nullable, Text, Timestamptz, Uuid as SqlUuid},
+    sql_types::{Array, BigInt, Text, Timestamptz, Uuid as SqlUuid},
 };
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
@@ -169,16 +169,17 @@ async fn write_many(
             .iter()
             .map(|c| (&c.record, requests[c.index].correlation_id.as_deref())),
     );
-    prepared_sql(
+    // $1..$5 bound here; $6..$15 are the events, bound by `bind_onto`.
+    let statement = prepared_sql(
         "WITH input AS ( \
              SELECT * FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::timestamptz[], \
-                                  $5::bigint[], $6::uuid[], $7::text[], $8::int[], $9::text[], \
-                                  $10::text[], $11::bigint[], $12::jsonb[], $13::text[], \
-                                  $14::timestamptz[], $15::text[]) \
+                                  $5::bigint[], $6::uuid[], $7::text[], $8::text[], $9::int[], \
+                                  $10::text[], $11::text[], $12::bigint[], $13::jsonb[], \
+                                  $14::text[], $15::timestamptz[]) \
                  WITH ORDINALITY AS i(id, state, version, updated_at, read_version, event_id, \
-                                      event_type, event_version, aggregate_type, aggregate_id, \
-                                      aggregate_version, payload, correlation_id, occurred_at, \
-                                      publisher, n) \
+                                      publisher, event_type, event_version, aggregate_type, \
+                                      aggregate_id, aggregate_version, payload, correlation_id, \
+                                      occurred_at, n) \
          ), changed AS ( \
              UPDATE orders o SET state = i.state, version = i.version, updated_at = i.updated_at \
              FROM input i WHERE o.id = i.id AND o.version = i.read_version \
@@ -196,19 +197,10 @@ async fn write_many(
     .bind::<Array<Text>, _>(&states)
     .bind::<Array<BigInt>, _>(&versions)
     .bind::<Array<Timestamptz>, _>(&updated_at)
-    .bind::<Array<BigInt>, _>(&read_versions)
-    .bind::<Array<SqlUuid>, _>(&e.event_ids)
-    .bind::<Array<Text>, _>(&e.event_types)
-    .bind::<Array<Integer>, _>(&e.event_versions)
-    .bind::<Array<Text>, _>(&e.aggregate_types)
-    .bind::<Array<Text>, _>(&e.aggregate_ids)
-    .bind::<Array<BigInt>, _>(&e.aggregate_versions)
-    .bind::<Array<Jsonb>, _>(&e.payloads)
-    .bind::<Array<Nullable<Text>>, _>(&e.correlation_ids)
-    .bind::<Array<Timestamptz>, _>(&e.occurred_at)
-    .bind::<Array<Text>, _>(&e.publishers)
-    .load::<Written>(conn)
-    .await
-    .map(|rows| rows.into_iter().map(|w| w.event_id).collect())
-    .map_err(StoreError::classify)
+    .bind::<Array<BigInt>, _>(&read_versions);
+    e.bind_onto(statement)
+        .load::<Written>(conn)
+        .await
+        .map(|rows| rows.into_iter().map(|w| w.event_id).collect())
+        .map_err(StoreError::classify)
 }

@@ -13,7 +13,15 @@ use diesel::prelude::*;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
-use super::{StoreError, prepared::prepared_sql, schema::outbox};
+use diesel::sql_types::{
+    Array, BigInt, Integer, Jsonb, Nullable, Text, Timestamptz, Uuid as SqlUuid,
+};
+
+use super::{
+    StoreError,
+    prepared::{Bound, prepared_sql},
+    schema::outbox,
+};
 use crate::domain::{EventRecord, Publisher};
 
 /// A stored event as the relay publishes it.
@@ -68,12 +76,11 @@ pub async fn insert(
     conn: &mut AsyncPgConnection,
     events: &[(&EventRecord, Option<&str>)],
 ) -> QueryResult<usize> {
-    use diesel::sql_types::{Array, BigInt, Integer, Jsonb, Nullable, Text, Timestamptz};
     if events.is_empty() {
         return Ok(0);
     }
     let e = EventColumns::of(events.iter().copied());
-    prepared_sql(
+    e.bind_onto(prepared_sql(
         "INSERT INTO outbox (event_id, publisher, event_type, event_version, aggregate_type, \
                              aggregate_id, aggregate_version, payload, correlation_id, \
                              occurred_at) \
@@ -87,17 +94,7 @@ pub async fn insert(
                                   correlation_id, occurred_at, n) \
          ORDER BY e.n \
          ON CONFLICT (event_id) DO NOTHING",
-    )
-    .bind::<Array<diesel::sql_types::Uuid>, _>(&e.event_ids)
-    .bind::<Array<Text>, _>(&e.publishers)
-    .bind::<Array<Text>, _>(&e.event_types)
-    .bind::<Array<Integer>, _>(&e.event_versions)
-    .bind::<Array<Text>, _>(&e.aggregate_types)
-    .bind::<Array<Text>, _>(&e.aggregate_ids)
-    .bind::<Array<BigInt>, _>(&e.aggregate_versions)
-    .bind::<Array<Jsonb>, _>(&e.payloads)
-    .bind::<Array<Nullable<Text>>, _>(&e.correlation_ids)
-    .bind::<Array<Timestamptz>, _>(&e.occurred_at)
+    ))
     .execute(conn)
     .await
 }
@@ -121,6 +118,45 @@ pub async fn insert_committed(
     Ok(inserted)
 }
 
+/// A statement with an [`EventColumns`] bound as its next ten parameters.
+pub(super) type WithEvents<'b, 'a, Q> = Bound<
+    Bound<
+        Bound<
+            Bound<
+                Bound<
+                    Bound<
+                        Bound<
+                            Bound<
+                                Bound<
+                                    Bound<Q, &'b Vec<Uuid>, Array<SqlUuid>>,
+                                    &'b Vec<&'static str>,
+                                    Array<Text>,
+                                >,
+                                &'b Vec<&'static str>,
+                                Array<Text>,
+                            >,
+                            &'b Vec<i32>,
+                            Array<Integer>,
+                        >,
+                        &'b Vec<&'static str>,
+                        Array<Text>,
+                    >,
+                    &'b Vec<&'a str>,
+                    Array<Text>,
+                >,
+                &'b Vec<i64>,
+                Array<BigInt>,
+            >,
+            &'b Vec<&'a serde_json::Value>,
+            Array<Jsonb>,
+        >,
+        &'b Vec<Option<&'a str>>,
+        Array<Nullable<Text>>,
+    >,
+    &'b Vec<DateTime<Utc>>,
+    Array<Timestamptz>,
+>;
+
 /// The outbox columns of a batch of events, one array per column, in the
 /// events' order: what an `INSERT … SELECT … FROM unnest(…)` binds, so that
 /// the statement's text is the same for every batch size.
@@ -138,6 +174,23 @@ pub(super) struct EventColumns<'a> {
 }
 
 impl<'a> EventColumns<'a> {
+    /// Binds the columns onto `query` as its next ten parameters, in this
+    /// order: event_id, publisher, event_type, event_version,
+    /// aggregate_type, aggregate_id, aggregate_version, payload,
+    /// correlation_id, occurred_at.
+    pub(super) fn bind_onto<'b, Q>(&'b self, query: Q) -> WithEvents<'b, 'a, Q> {
+        Bound::new(query, &self.event_ids)
+            .bind::<Array<Text>, _>(&self.publishers)
+            .bind::<Array<Text>, _>(&self.event_types)
+            .bind::<Array<Integer>, _>(&self.event_versions)
+            .bind::<Array<Text>, _>(&self.aggregate_types)
+            .bind::<Array<Text>, _>(&self.aggregate_ids)
+            .bind::<Array<BigInt>, _>(&self.aggregate_versions)
+            .bind::<Array<Jsonb>, _>(&self.payloads)
+            .bind::<Array<Nullable<Text>>, _>(&self.correlation_ids)
+            .bind::<Array<Timestamptz>, _>(&self.occurred_at)
+    }
+
     /// Each event with the correlation id it is stored under.
     pub(super) fn of(
         events: impl ExactSizeIterator<Item = (&'a EventRecord, Option<&'a str>)>,

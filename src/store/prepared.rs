@@ -51,7 +51,9 @@ pub struct Bound<Q, V, ST> {
 }
 
 impl<Q, V, ST> Bound<Q, V, ST> {
-    fn new(query: Q, value: V) -> Self {
+    /// `query` with `value` bound as its next parameter, whatever `query`
+    /// is: for helpers that bind a group of parameters onto any statement.
+    pub(super) fn new(query: Q, value: V) -> Self {
         Self {
             query,
             value,

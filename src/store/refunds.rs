@@ -84,7 +84,7 @@ pub async fn record_batch_with_inbox(
     inbox_only: &[Uuid],
 ) -> Result<RecordedBatch, StoreError> {
     use diesel::sql_types::Uuid as SqlUuid;
-    use diesel::sql_types::{Array, BigInt, Integer, Jsonb, Nullable, Text, Timestamptz};
+    use diesel::sql_types::{Array, BigInt, Text, Timestamptz};
     if refunds.is_empty() && inbox_only.is_empty() {
         return Ok(RecordedBatch {
             refunds: Vec::new(),
@@ -113,7 +113,8 @@ pub async fn record_batch_with_inbox(
     // learns what the one before it wrote from its RETURNING, never by
     // reading the table: a refund is written only if its message's inbox
     // row is new, and its event only if the refund is.
-    let written: Vec<Written> = prepared_sql(
+    // $1..$11 bound here; $12..$21 are the events, bound by `bind_onto`.
+    let statement = prepared_sql(
         "WITH input AS ( \
              SELECT * FROM unnest($3::uuid[], $4::uuid[], $5::uuid[], $6::text[], $7::bigint[], \
                                   $8::text[], $9::text[], $10::timestamptz[], \
@@ -163,20 +164,12 @@ pub async fn record_batch_with_inbox(
     .bind::<Array<Text>, _>(texts(&|r| &r.gateway_refund_id))
     .bind::<Array<Text>, _>(texts(&|r| &r.status))
     .bind::<Array<Timestamptz>, _>(times(&|r| r.created_at))
-    .bind::<Array<Timestamptz>, _>(times(&|r| r.updated_at))
-    .bind::<Array<SqlUuid>, _>(&e.event_ids)
-    .bind::<Array<Text>, _>(&e.publishers)
-    .bind::<Array<Text>, _>(&e.event_types)
-    .bind::<Array<Integer>, _>(&e.event_versions)
-    .bind::<Array<Text>, _>(&e.aggregate_types)
-    .bind::<Array<Text>, _>(&e.aggregate_ids)
-    .bind::<Array<BigInt>, _>(&e.aggregate_versions)
-    .bind::<Array<Jsonb>, _>(&e.payloads)
-    .bind::<Array<Nullable<Text>>, _>(&e.correlation_ids)
-    .bind::<Array<Timestamptz>, _>(&e.occurred_at)
-    .load(conn)
-    .await
-    .map_err(StoreError::classify)?;
+    .bind::<Array<Timestamptz>, _>(times(&|r| r.updated_at));
+    let written: Vec<Written> = e
+        .bind_onto(statement)
+        .load(conn)
+        .await
+        .map_err(StoreError::classify)?;
     let new: HashSet<Uuid> = written
         .iter()
         .filter(|w| !w.refunded)

@@ -503,7 +503,6 @@ impl Run {
     }
 }
 
-/// Asserts the run's verdict and prints the checker's table.
 /// Sends one request to the producer's API at `listen`: its JSON answer
 /// (null when it has none) if the status is one of `ok`, `Err` if the
 /// producer could not be reached (it may be restarting) before `deadline`.
@@ -540,6 +539,7 @@ async fn send_once(
     }
 }
 
+/// Asserts the run's verdict and prints the checker's table.
 pub fn assert_passed(report: &Report, what: &str) {
     println!(
         "{what}: canceled {}, refunded {}, in gateway {}, dead {:?}, lost {}, doubled {}, without cancel {}, stuck {}, refunded but shelved {}, refund statuses {:?}, without status {}, status mismatch {}, shipping changed {}, unconverged {}",
