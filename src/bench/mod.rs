@@ -20,6 +20,7 @@ pub mod procs;
 pub mod report;
 pub mod sample;
 pub mod services;
+pub mod timings;
 
 use std::path::PathBuf;
 
@@ -62,6 +63,9 @@ pub struct BenchOptions {
     pub venv: PathBuf,
     /// Where `BENCHMARKS.md` is written (the plots go to `<out_dir>/bench/`).
     pub out_dir: PathBuf,
+    /// Where every courier pipeline run's per-order timings go as CSV
+    /// ([`timings`]); none: not written.
+    pub timings_dir: Option<PathBuf>,
     /// The repository, for the commit.
     pub repo: PathBuf,
     pub management: Management,
@@ -250,6 +254,7 @@ async fn pipeline_phases(
                 "  {:.0} orders/s, p99 {:.1} ms",
                 run.orders_per_second, run.latency.p99
             ));
+            keep_timings(options, &format!("closed-loop-{}", rep + 1), &run);
             results.pipeline.push(run);
         }
         let max = Spread::of(
@@ -282,9 +287,10 @@ async fn pipeline_phases(
                     fraction * 100.0,
                     rep + 1
                 ));
-                runs.push(
-                    pipeline::run(&target, count, Arrivals::Open { per_second: rate }).await?,
-                );
+                let run =
+                    pipeline::run(&target, count, Arrivals::Open { per_second: rate }).await?;
+                keep_timings(options, &format!("open-loop-{rate:.0}-{}", rep + 1), &run);
+                runs.push(run);
             }
             results.open_loop.push((fraction, rate, runs));
         }
@@ -303,6 +309,18 @@ async fn pipeline_phases(
         }
     }
     Ok(())
+}
+
+/// Writes a run's timings where `--timings-dir` asks; a file that cannot be
+/// written is reported and the run goes on, as a failed plot is.
+fn keep_timings(options: &BenchOptions, name: &str, run: &RunFigures) {
+    let Some(dir) = &options.timings_dir else {
+        return;
+    };
+    match timings::write_csv(dir, name, &run.timings) {
+        Ok(path) => options.say(format!("  timings: {}", path.display())),
+        Err(error) => eprintln!("bench: cannot write the timings of {name}: {error}"),
+    }
 }
 
 async fn peer_phase(

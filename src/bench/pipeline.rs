@@ -20,7 +20,7 @@ use crate::{
     handlers::refund::NAME as REFUNDS,
     store::{
         self, DbPool,
-        metrics::{self, DbCounters},
+        metrics::{self, DbCounters, RefundTiming},
     },
 };
 
@@ -72,6 +72,9 @@ pub struct RunFigures {
     /// Statements courier's binaries sent during the run, as they count
     /// them (`store::statements`); `None` for the peer.
     pub statements: Option<u64>,
+    /// Every order's timestamps, in the order of its cancel (for
+    /// `--timings-dir`).
+    pub timings: Vec<RefundTiming>,
 }
 
 /// Statements courier's binaries have sent so far (none for the peer,
@@ -209,7 +212,8 @@ pub async fn run(
     counters.scans -= polls;
 
     let ids: Vec<uuid::Uuid> = orders.iter().map(|id| id.as_uuid()).collect();
-    let timings = metrics::refund_timings(&mut stats_conn, REFUNDS, &ids).await?;
+    let mut timings = metrics::refund_timings(&mut stats_conn, REFUNDS, &ids).await?;
+    timings.sort_by_key(|t| t.canceled_at);
     if timings.len() != count {
         anyhow::bail!("{} of {count} refunds have a timing", timings.len());
     }
@@ -243,6 +247,7 @@ pub async fn run(
         counters,
         refund_batches: batches,
         statements,
+        timings,
     })
 }
 

@@ -73,6 +73,15 @@ fn ms(p: &PercentileSpread) -> String {
 }
 
 /// The median per run of `f` over a run's groups named `label`.
+/// The processes whose CPU the pipeline's rows show, ours first.
+const PROCESSES: [&str; 5] = [
+    "producer",
+    "consumer",
+    "payment-gateway",
+    "rabbitmq",
+    "postgres",
+];
+
 fn per_group(
     runs: &[RunFigures],
     label: &str,
@@ -91,6 +100,25 @@ fn per_group(
 }
 
 /// CPU of every measured process (ours, RabbitMQ, PostgreSQL) per 1,000 orders.
+fn statements_per_order(runs: &[RunFigures]) -> Option<Spread> {
+    Spread::of(
+        &runs
+            .iter()
+            .filter_map(|r| r.statements.map(|n| n as f64 / r.orders as f64))
+            .collect::<Vec<_>>(),
+    )
+}
+
+fn refunds_per_commit(runs: &[RunFigures]) -> Option<Spread> {
+    Spread::of(
+        &runs
+            .iter()
+            .filter(|r| r.refund_batches > 0)
+            .map(|r| r.orders as f64 / r.refund_batches as f64)
+            .collect::<Vec<_>>(),
+    )
+}
+
 fn total_cpu_per_1000(runs: &[RunFigures]) -> Option<Spread> {
     let total: Vec<f64> = runs
         .iter()
@@ -215,14 +243,7 @@ impl Results {
                 "",
             );
         }
-        let labels = [
-            "producer",
-            "consumer",
-            "payment-gateway",
-            "rabbitmq",
-            "postgres",
-        ];
-        for label in labels {
+        for label in PROCESSES {
             t.opt(
                 &format!("CPU s / 1,000 orders: {label}"),
                 per_group(&self.pipeline, label, cpu_per_1000).map(|s| s.display(2).to_string()),
@@ -245,27 +266,12 @@ impl Results {
         );
         t.opt(
             "DB per order: statements sent by producer and consumer (BEGIN and COMMIT included)",
-            Spread::of(
-                &self
-                    .pipeline
-                    .iter()
-                    .filter_map(|r| r.statements.map(|n| n as f64 / r.orders as f64))
-                    .collect::<Vec<_>>(),
-            )
-            .map(|s| s.display(2).to_string()),
+            statements_per_order(&self.pipeline).map(|s| s.display(2).to_string()),
             "",
         );
         t.opt(
             "consumer: refunds per commit (mean batch of the refunds worker)",
-            Spread::of(
-                &self
-                    .pipeline
-                    .iter()
-                    .filter(|r| r.refund_batches > 0)
-                    .map(|r| r.orders as f64 / r.refund_batches as f64)
-                    .collect::<Vec<_>>(),
-            )
-            .map(|s| s.display(1).to_string()),
+            refunds_per_commit(&self.pipeline).map(|s| s.display(1).to_string()),
             "",
         );
         t.opt(
@@ -322,6 +328,31 @@ impl Results {
                     fraction * 100.0
                 ),
                 total_cpu_per_1000(runs).map(|s| s.display(2).to_string()),
+                "",
+            );
+            t.opt(
+                &format!(
+                    "open loop {:.0} %: DB statements per order, refunds per commit",
+                    fraction * 100.0
+                ),
+                statements_per_order(runs)
+                    .zip(refunds_per_commit(runs))
+                    .map(|(s, r)| format!("{} · {}", s.display(2), r.display(1))),
+                "",
+            );
+            let medians: Option<Vec<String>> = PROCESSES
+                .iter()
+                .map(|label| {
+                    per_group(runs, label, cpu_per_1000)
+                        .map(|s| format!("{label} {}", number(s.median, 2)))
+                })
+                .collect();
+            t.opt(
+                &format!(
+                    "open loop {:.0} %: of which each process (medians)",
+                    fraction * 100.0
+                ),
+                medians.map(|m| m.join(" · ")),
                 "",
             );
         }

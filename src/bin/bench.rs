@@ -64,6 +64,10 @@ struct Cli {
     /// [default: the directory of this binary].
     #[arg(long)]
     bin_dir: Option<PathBuf>,
+    /// Write every courier pipeline run's per-order timestamps (cancel,
+    /// publish, refund) as CSV into this directory, one file per run.
+    #[arg(long)]
+    timings_dir: Option<PathBuf>,
     #[arg(long, default_value = "var/bench-logs")]
     log_dir: PathBuf,
     #[arg(long, default_value = "bench/peer")]
@@ -138,6 +142,7 @@ async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
         peer_dir: absolute(cli.peer_dir),
         venv: absolute(cli.venv),
         out_dir: absolute(cli.out_dir),
+        timings_dir: cli.timings_dir.map(absolute),
         repo: absolute(PathBuf::from(".")),
         management: Management {
             url: cli.management_url,

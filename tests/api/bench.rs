@@ -11,7 +11,8 @@ use courier::{
 use crate::helpers::MANAGEMENT;
 
 #[tokio::test]
-async fn the_quick_bench_runs_end_to_end_and_writes_a_well_formed_table() -> anyhow::Result<()> {
+async fn the_quick_bench_runs_end_to_end_and_writes_a_well_formed_table_and_per_order_timings()
+-> anyhow::Result<()> {
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let settings = Settings::load_from(&repo.join("config"), "test")?;
     let bin_dir = Path::new(env!("CARGO_BIN_EXE_producer"))
@@ -36,6 +37,7 @@ async fn the_quick_bench_runs_end_to_end_and_writes_a_well_formed_table() -> any
         peer_dir: repo.join("bench/peer"),
         venv: repo.join("var/bench-venv"),
         out_dir: out_dir.clone(),
+        timings_dir: Some(out_dir.join("timings")),
         repo,
         management: Management {
             url: MANAGEMENT.to_owned(),
@@ -94,6 +96,22 @@ async fn the_quick_bench_runs_end_to_end_and_writes_a_well_formed_table() -> any
         assert!(svg.contains("<svg"), "{file}");
     }
     assert_eq!(results.plots.len(), 2);
+    // One line per order under the header, every order with its publish.
+    let closed = std::fs::read_to_string(out_dir.join("timings/closed-loop-1.csv"))?;
+    let lines: Vec<&str> = closed.lines().collect();
+    assert_eq!(lines.len(), 1 + 30, "{closed}");
+    assert!(lines[0].starts_with("canceled_at,published_at,refunded_at"));
+    assert!(
+        lines[1..]
+            .iter()
+            .all(|l| l.split(',').all(|field| !field.is_empty())),
+        "{closed}"
+    );
+    let open = std::fs::read_dir(out_dir.join("timings"))?
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with("open-loop-"))
+        .count();
+    assert_eq!(open, 1, "one open-loop run, one file");
     std::fs::remove_dir_all(out_dir)?;
     Ok(())
 }
