@@ -72,7 +72,6 @@ fn ms(p: &PercentileSpread) -> String {
     )
 }
 
-/// The median per run of `f` over a run's groups named `label`.
 /// The processes whose CPU the pipeline's rows show, ours first.
 const PROCESSES: [&str; 5] = [
     "producer",
@@ -82,6 +81,7 @@ const PROCESSES: [&str; 5] = [
     "postgres",
 ];
 
+/// The median per run of `f` over a run's groups named `label`.
 fn per_group(
     runs: &[RunFigures],
     label: &str,
@@ -99,7 +99,7 @@ fn per_group(
     Spread::of(&values)
 }
 
-/// CPU of every measured process (ours, RabbitMQ, PostgreSQL) per 1,000 orders.
+/// Statements our binaries sent per order, as they count them.
 fn statements_per_order(runs: &[RunFigures]) -> Option<Spread> {
     Spread::of(
         &runs
@@ -109,6 +109,7 @@ fn statements_per_order(runs: &[RunFigures]) -> Option<Spread> {
     )
 }
 
+/// Orders per batch of the refunds worker: each batch is one commit.
 fn refunds_per_commit(runs: &[RunFigures]) -> Option<Spread> {
     Spread::of(
         &runs
@@ -119,6 +120,7 @@ fn refunds_per_commit(runs: &[RunFigures]) -> Option<Spread> {
     )
 }
 
+/// CPU of every measured process (ours, RabbitMQ, PostgreSQL) per 1,000 orders.
 fn total_cpu_per_1000(runs: &[RunFigures]) -> Option<Spread> {
     let total: Vec<f64> = runs
         .iter()
