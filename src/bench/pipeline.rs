@@ -225,16 +225,13 @@ pub async fn run(
     };
     let latencies_ms: Vec<f64> = timings
         .iter()
-        .map(|t| (t.refunded_at - t.canceled_at).as_seconds_f64() * 1000.0)
+        .map(RefundTiming::cancel_to_refund_ms)
         .collect();
     let latency =
         Percentiles::of(&latencies_ms).ok_or_else(|| anyhow::anyhow!("no latencies measured"))?;
     let relay_ms: Vec<f64> = timings
         .iter()
-        .filter_map(|t| {
-            t.published_at
-                .map(|p| (p - t.canceled_at).as_seconds_f64() * 1000.0)
-        })
+        .filter_map(RefundTiming::cancel_to_published_ms)
         .collect();
     Ok(RunFigures {
         orders: count,

@@ -30,15 +30,14 @@ pub fn write_csv(dir: &Path, name: &str, timings: &[RefundTiming]) -> io::Result
 }
 
 fn line(t: &RefundTiming) -> String {
-    let since_cancel =
-        |at: DateTime<Utc>| format!("{:.3}", (at - t.canceled_at).as_seconds_f64() * 1000.0);
+    let ms = |value: f64| format!("{value:.3}");
     format!(
         "{},{},{},{},{}",
         stamp(t.canceled_at),
         t.published_at.map(stamp).unwrap_or_default(),
         stamp(t.refunded_at),
-        t.published_at.map(since_cancel).unwrap_or_default(),
-        since_cancel(t.refunded_at),
+        t.cancel_to_published_ms().map(ms).unwrap_or_default(),
+        ms(t.cancel_to_refund_ms()),
     )
 }
 

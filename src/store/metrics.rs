@@ -108,6 +108,22 @@ pub struct RefundTiming {
     pub published_at: Option<DateTime<Utc>>,
 }
 
+impl RefundTiming {
+    /// Cancel to refund, ms: the pipeline's latency.
+    pub fn cancel_to_refund_ms(&self) -> f64 {
+        self.ms_since_cancel(self.refunded_at)
+    }
+
+    /// Cancel to the relay's mark, ms (none without an outbox).
+    pub fn cancel_to_published_ms(&self) -> Option<f64> {
+        self.published_at.map(|at| self.ms_since_cancel(at))
+    }
+
+    fn ms_since_cancel(&self, at: DateTime<Utc>) -> f64 {
+        (at - self.canceled_at).as_seconds_f64() * 1000.0
+    }
+}
+
 /// The timings of those of `order_ids` whose refund is recorded by `consumer`.
 pub async fn refund_timings(
     conn: &mut AsyncPgConnection,
