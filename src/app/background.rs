@@ -17,7 +17,7 @@ use crate::{
     consume::{ConsumerStats, Worker, WorkerConfig, WorkerError, WorkerStats},
     domain::Publisher,
     handlers::HandlerDeps,
-    outbox::{Relay, RelayError, RelayStats},
+    outbox::{Handoff, Relay, RelayError, RelayStats},
     registry::{self, Process},
     shutdown::Shutdown,
     store::{self, DbPool},
@@ -32,6 +32,7 @@ pub struct Background {
     tasks: JoinSet<Option<Refused>>,
     stats: ConsumerStats,
     relays: Vec<(Publisher, Arc<RelayStats>)>,
+    handoffs: Vec<Arc<Handoff>>,
     broker: BrokerPool,
 }
 
@@ -69,6 +70,7 @@ impl Background {
         let relay_db = store::pool(&relay_settings)?;
         let mut tasks = JoinSet::new();
         let mut relays = Vec::new();
+        let mut handoffs = Vec::new();
         for publisher in Publisher::ALL
             .into_iter()
             .filter(|p| registry::relayed_by(*p) == process)
@@ -82,6 +84,7 @@ impl Background {
                 app_id(process),
             ));
             relays.push((publisher, relay.stats()));
+            handoffs.push(relay.handoff());
             let run = relay.run(shutdown.clone());
             tasks.spawn(watched(refused.clone(), async move {
                 match run.await {
@@ -125,10 +128,20 @@ impl Background {
                 tasks,
                 stats,
                 relays,
+                handoffs,
                 broker,
             },
             shutdown,
         ))
+    }
+
+    /// Where this process's writers hand over `publisher`'s rows, if this
+    /// process relays them.
+    pub fn handoff(&self, publisher: Publisher) -> Option<Arc<Handoff>> {
+        self.handoffs
+            .iter()
+            .find(|h| h.publisher() == publisher)
+            .cloned()
     }
 
     /// The workers' counters, by worker name.

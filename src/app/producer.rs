@@ -7,7 +7,10 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 
 use super::background::Background;
-use crate::{config::Settings, http, observe::metrics::ServiceGauge, registry::Process, store};
+use crate::{
+    config::Settings, domain::Publisher, http, observe::metrics::ServiceGauge, registry::Process,
+    store,
+};
 
 pub const APP_ID: &str = "courier-producer";
 
@@ -39,7 +42,12 @@ pub async fn run_until_stopped(
         max: settings.producer.cancel_batch_max,
         in_flight: settings.producer.cancel_batches_in_flight,
     };
-    let cancels = http::CancelQueue::spawn(api_db.clone(), batching);
+    // The cancels' events go straight to this process's relay.
+    let cancels = http::CancelQueue::spawn(
+        api_db.clone(),
+        batching,
+        background.handoff(Publisher::Orders),
+    );
     let queued = cancels.clone();
     let gauges = vec![ServiceGauge {
         name: "courier_cancels_queued",

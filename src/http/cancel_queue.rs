@@ -14,6 +14,7 @@ use chrono::Utc;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::faults::{CrashPoint, crash_point};
+use crate::outbox::Handoff;
 use crate::store::{
     DbPool, StoreError,
     cancel_batch::{self, CancelOutcome, CancelRequest},
@@ -43,14 +44,16 @@ struct Pending {
 }
 
 impl CancelQueue {
-    /// Starts the gathering task on the current runtime.
-    pub fn spawn(db: DbPool, batching: CancelBatching) -> Self {
+    /// Starts the gathering task on the current runtime. Each batch's
+    /// events are handed to `relay`, the order events' relay of this
+    /// process, when there is one ([`Handoff`]).
+    pub fn spawn(db: DbPool, batching: CancelBatching, relay: Option<Arc<Handoff>>) -> Self {
         let max = batching.max.max(1);
         let in_flight = batching.in_flight.max(1);
         // Room for the batches in flight and the next few: beyond that a
         // request waits to be queued, which is the backpressure we want.
         let (requests, inbox) = mpsc::channel(max * (in_flight + 2));
-        tokio::spawn(gather(db, inbox, max, in_flight));
+        tokio::spawn(gather(db, relay, inbox, max, in_flight));
         Self { requests }
     }
 
@@ -82,7 +85,13 @@ impl CancelQueue {
     }
 }
 
-async fn gather(db: DbPool, mut inbox: mpsc::Receiver<Pending>, max: usize, in_flight: usize) {
+async fn gather(
+    db: DbPool,
+    relay: Option<Arc<Handoff>>,
+    mut inbox: mpsc::Receiver<Pending>,
+    max: usize,
+    in_flight: usize,
+) {
     let slots = Arc::new(Semaphore::new(in_flight));
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else {
@@ -99,19 +108,20 @@ async fn gather(db: DbPool, mut inbox: mpsc::Receiver<Pending>, max: usize, in_f
             }
         }
         let db = db.clone();
+        let relay = relay.clone();
         tokio::spawn(async move {
-            write(&db, batch).await;
+            write(&db, relay.as_deref(), batch).await;
             drop(slot);
         });
     }
 }
 
-async fn write(db: &DbPool, batch: Vec<Pending>) {
+async fn write(db: &DbPool, relay: Option<&Handoff>, batch: Vec<Pending>) {
     let (requests, replies): (Vec<_>, Vec<_>) =
         batch.into_iter().map(|p| (p.request, p.reply)).unzip();
     let now = Utc::now();
     let result = retry_once_if_unavailable(db, async |conn| {
-        cancel_batch::cancel_many(conn, &requests, now).await
+        cancel_batch::cancel_many(conn, &requests, now, relay).await
     })
     .await;
     match result {

@@ -97,6 +97,7 @@ struct OutboxNow {
 struct RelayNow {
     publisher: Publisher,
     published: u64,
+    handed: u64,
     confirmed: u64,
     nacked: u64,
     returned: u64,
@@ -127,6 +128,11 @@ impl Collector for RelayCollector {
                 "courier_relay_published",
                 "Events the relay handed to the broker.",
                 &(|r: &RelayNow| r.published) as &dyn Fn(&RelayNow) -> u64,
+            ),
+            (
+                "courier_relay_handed",
+                "Events the relay took as its process's writers handed them over after their commit, without a claim query.",
+                &|r: &RelayNow| r.handed,
             ),
             (
                 "courier_relay_confirmed",
@@ -233,6 +239,7 @@ pub async fn service(
         now.push(RelayNow {
             publisher: *publisher,
             published: get(&relay.published),
+            handed: get(&relay.handed),
             confirmed: get(&relay.confirmed),
             nacked: get(&relay.nacked),
             returned: get(&relay.returned),

@@ -3,11 +3,13 @@
 //! outbox's retention as an event store.
 
 pub mod backoff;
+pub mod handoff;
 pub mod prune;
 pub mod relay;
 pub mod stats;
 pub mod wake;
 
+pub use handoff::Handoff;
 pub use relay::{Relay, RelayError, RelayOutcome};
 pub use stats::RelayStats;
 

@@ -7,26 +7,27 @@
 //! A relay publishes one publisher's rows to that publisher's exchange: the
 //! order service runs the `orders` relay, the consumer the `refunds` relay.
 //!
-//! [`Relay::relay_once`] is one step, for tests; [`Relay::run`] loops, woken
-//! when its process commits outbox rows ([`super::wake`]) and polling for
-//! the rest. Up to `steps_in_flight` steps overlap: one step claims and
-//! sends at a time (so rows leave in id order), and while its confirms are
-//! on their way the next step claims the rows due since, leaving out the
-//! rows still in flight. Each step marks only the rows of its own confirms.
+//! [`Relay::relay_once`] is one step, for tests; [`Relay::run`] loops. Rows
+//! its process's writer hands over right after their commit
+//! ([`super::handoff`]) are published without a claim query
+//! ([`Relay::relay_handed_once`]); for the rest it is woken when its process
+//! commits outbox rows ([`super::wake`]) and polls. Up to `steps_in_flight`
+//! steps overlap: one step claims and sends at a time (so rows leave in the
+//! order they were claimed or handed), and while its confirms are on their
+//! way the next step takes the rows due since, leaving out the rows other
+//! steps hold. Each step marks only the rows of its own confirms.
 
-use std::{
-    collections::HashSet,
-    sync::{Arc, Mutex as SyncMutex},
-};
+use std::sync::Arc;
 
 use chrono::Utc;
 use futures_util::{StreamExt, future::join_all, stream::FuturesUnordered};
 use tokio::{
-    sync::{Mutex, watch},
+    sync::{Mutex, MutexGuard, watch},
     time::Instant,
 };
 
 use super::{
+    Handoff,
     backoff::{delay_after, reconnect_delay},
     wake,
 };
@@ -78,38 +79,30 @@ pub struct Relay {
     publisher: Mutex<Option<ConfirmedPublisher>>,
     /// Held by the step that is claiming and sending.
     sending: Mutex<()>,
-    /// Ids claimed by steps that have not finished.
-    in_flight: SyncMutex<HashSet<i64>>,
+    /// Rows handed over by this process's writers, and the rows steps hold.
+    handoff: Arc<Handoff>,
     stats: Arc<RelayStats>,
 }
 
-/// A step's claim on its rows: other steps leave them out until it is dropped.
-struct Claim<'a> {
-    in_flight: &'a SyncMutex<HashSet<i64>>,
-    ids: Vec<i64>,
+/// Where a step's rows come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StepKind {
+    /// Handed over by a writer of this process.
+    Handed,
+    /// Claimed by a query of the due rows.
+    Claim,
 }
 
-impl<'a> Claim<'a> {
-    fn new(in_flight: &'a SyncMutex<HashSet<i64>>, ids: Vec<i64>) -> Self {
-        lock(in_flight).extend(ids.iter().copied());
-        Self { in_flight, ids }
-    }
+/// A step's hold on its rows: other steps leave them out until it is dropped.
+struct Claim<'a> {
+    handoff: &'a Handoff,
+    ids: Vec<i64>,
 }
 
 impl Drop for Claim<'_> {
     fn drop(&mut self) {
-        let mut set = lock(self.in_flight);
-        for id in &self.ids {
-            set.remove(id);
-        }
+        self.handoff.release(&self.ids);
     }
-}
-
-/// The set stays consistent even if a holder panicked: every change to it
-/// is a whole insert or remove.
-fn lock(set: &SyncMutex<HashSet<i64>>) -> std::sync::MutexGuard<'_, HashSet<i64>> {
-    set.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Relay {
@@ -139,13 +132,24 @@ impl Relay {
             db,
             broker,
             topology,
-            settings,
             app_id: app_id.to_owned(),
             publisher: Mutex::new(None),
             sending: Mutex::new(()),
-            in_flight: SyncMutex::default(),
+            handoff: Arc::new(Handoff::new(
+                publisher,
+                usize::try_from(settings.batch_size)
+                    .unwrap_or(1)
+                    .saturating_mul(settings.steps_in_flight),
+            )),
+            settings,
             stats: Arc::default(),
         }
+    }
+
+    /// Where this process's writers hand over the rows this relay publishes,
+    /// right after their commit.
+    pub fn handoff(&self) -> Arc<Handoff> {
+        self.handoff.clone()
     }
 
     /// What this relay did so far, for `/metrics`.
@@ -209,13 +213,37 @@ impl Relay {
         let sending = self.sending.lock().await;
         let rows = {
             let mut conn = self.db.get().await.map_err(StoreError::from)?;
-            let in_flight: Vec<i64> = lock(&self.in_flight).iter().copied().collect();
-            outbox::due(&mut conn, self.source, self.settings.batch_size, &in_flight).await?
+            let held = self.handoff.held_ids();
+            outbox::due(&mut conn, self.source, self.settings.batch_size, &held).await?
+        };
+        // A row handed over while the query ran is the hand-off's.
+        let rows = self.handoff.hold(rows);
+        self.publish(sending, rows).await
+    }
+
+    /// One step over the rows handed over ([`Handoff`]), up to `batch_size`,
+    /// without a claim query.
+    pub async fn relay_handed_once(&self) -> Result<RelayOutcome, RelayError> {
+        let sending = self.sending.lock().await;
+        let max = usize::try_from(self.settings.batch_size).unwrap_or(1);
+        let rows = self.handoff.take(max);
+        self.stats.count_handed(rows.len());
+        self.publish(sending, rows).await
+    }
+
+    /// Publishes the rows a step holds, in order, and records each outcome.
+    async fn publish(
+        &self,
+        sending: MutexGuard<'_, ()>,
+        rows: Vec<outbox::OutboxRow>,
+    ) -> Result<RelayOutcome, RelayError> {
+        let _claim = Claim {
+            handoff: &self.handoff,
+            ids: rows.iter().map(|r| r.id).collect(),
         };
         if rows.is_empty() {
             return Ok(RelayOutcome::Idle);
         }
-        let _claim = Claim::new(&self.in_flight, rows.iter().map(|r| r.id).collect());
         let publisher = self.publisher().await?;
 
         // All of the step's publishes go out together, still in id order,
@@ -324,22 +352,33 @@ impl Relay {
     }
 
     /// Relays until `shutdown`: steps while there is work, then waits until
-    /// this process commits rows of this publisher ([`super::wake`]) or the
-    /// poll interval passes; a commit during a step starts the next step at
-    /// once, beside it, up to `steps_in_flight`. Steps in progress always
-    /// finish, so no confirmed publish is left unmarked by shutdown itself.
-    /// Returns early only when the broker refuses our user: the one error
-    /// no wait heals.
+    /// rows are handed over ([`Handoff`]), this process commits rows of this
+    /// publisher ([`super::wake`]) or the poll interval passes; rows handed
+    /// over or committed during a step start the next step at once, beside
+    /// it, up to `steps_in_flight`. Steps in progress always finish, so no
+    /// confirmed publish is left unmarked by shutdown itself. Returns early
+    /// only when the broker refuses our user: the one error no wait heals.
     pub async fn run(self: Arc<Self>, shutdown: Shutdown) -> Result<(), RelayError> {
         let mut written = wake::subscribe(self.source);
-        let result = self.relay_until(&mut written, &shutdown).await;
+        let mut handed = self.handoff.subscribe();
+        let result = self.relay_until(&mut written, &mut handed, &shutdown).await;
         tracing::info!(publisher = self.source.as_str(), "relay stopped");
         result
+    }
+
+    /// A step of either kind, and which it was.
+    async fn step(&self, kind: StepKind) -> (StepKind, Result<RelayOutcome, RelayError>) {
+        let outcome = match kind {
+            StepKind::Handed => self.relay_handed_once().await,
+            StepKind::Claim => self.relay_once().await,
+        };
+        (kind, outcome)
     }
 
     async fn relay_until(
         &self,
         written: &mut watch::Receiver<u64>,
+        handed: &mut watch::Receiver<u64>,
         shutdown: &Shutdown,
     ) -> Result<(), RelayError> {
         match self.connect().await {
@@ -353,6 +392,8 @@ impl Relay {
         let mut failures = 0u32;
         // Whether rows may be due that no step is looking for.
         let mut maybe_due = true;
+        // Whether handed rows may be waiting that no step is taking.
+        let mut handed_waiting = self.handoff.has_waiting();
         // After a failed step, no new step starts before this.
         let mut paused_until: Option<Instant> = None;
         let mut refused = None;
@@ -362,42 +403,58 @@ impl Relay {
                 break;
             }
             let paused = paused_until.is_some_and(|t| Instant::now() < t);
-            if !stopping && maybe_due && !paused && steps.len() < self.settings.steps_in_flight {
-                maybe_due = false;
-                steps.push(self.relay_once());
-                continue;
+            if !stopping && !paused && steps.len() < self.settings.steps_in_flight {
+                if handed_waiting {
+                    handed_waiting = false;
+                    steps.push(self.step(StepKind::Handed));
+                    continue;
+                }
+                if maybe_due {
+                    maybe_due = false;
+                    steps.push(self.step(StepKind::Claim));
+                    continue;
+                }
             }
             let next_look = match paused_until {
                 Some(until) if paused => until,
                 _ => Instant::now() + self.settings.poll_interval,
             };
             tokio::select! {
-                Some(outcome) = steps.next(), if !steps.is_empty() => match outcome {
-                    Ok(RelayOutcome::Published { published, failed }) => {
-                        failures = 0;
-                        // A full batch means more is waiting: go again at
-                        // once. Otherwise the next commit (or poll) starts
-                        // the next step; when everything due failed, the
-                        // failed rows are not due again yet either.
-                        if i64::try_from(published + failed)
-                            .is_ok_and(|n| n >= self.settings.batch_size)
-                        {
+                Some((kind, outcome)) = steps.next(), if !steps.is_empty() => {
+                    // More may have been handed over than one step takes.
+                    handed_waiting |= self.handoff.has_waiting();
+                    match outcome {
+                        Ok(RelayOutcome::Published { published, failed }) => {
+                            failures = 0;
+                            // A full claimed batch means more is waiting: go
+                            // again at once. Otherwise the next commit (or
+                            // poll) starts the next step; when everything due
+                            // failed, the failed rows are not due again yet
+                            // either.
+                            if kind == StepKind::Claim
+                                && i64::try_from(published + failed)
+                                    .is_ok_and(|n| n >= self.settings.batch_size)
+                            {
+                                maybe_due = true;
+                            }
+                        }
+                        Ok(RelayOutcome::Idle) => failures = 0,
+                        Err(error @ RelayError::AccessRefused(_)) => refused = Some(error),
+                        Err(error) => {
+                            let delay = reconnect_delay(failures);
+                            failures = failures.saturating_add(1);
+                            if failures == 1 {
+                                tracing::warn!(%error, "relay paused; retrying with backoff");
+                            }
+                            paused_until = Some(Instant::now() + delay);
+                            // The failed step's rows, handed or claimed, are
+                            // pending again: a claim finds them.
                             maybe_due = true;
                         }
                     }
-                    Ok(RelayOutcome::Idle) => failures = 0,
-                    Err(error @ RelayError::AccessRefused(_)) => refused = Some(error),
-                    Err(error) => {
-                        let delay = reconnect_delay(failures);
-                        failures = failures.saturating_add(1);
-                        if failures == 1 {
-                            tracing::warn!(%error, "relay paused; retrying with backoff");
-                        }
-                        paused_until = Some(Instant::now() + delay);
-                        maybe_due = true;
-                    }
                 },
-                // The senders are static: `changed` cannot fail.
+                // The senders live as long as the relay: `changed` cannot fail.
+                _ = handed.changed(), if !stopping => handed_waiting = true,
                 _ = written.changed(), if !stopping => maybe_due = true,
                 () = tokio::time::sleep_until(next_look), if !stopping => maybe_due = true,
                 () = shutdown.wait(), if !stopping => {}

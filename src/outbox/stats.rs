@@ -8,6 +8,9 @@ use crate::amqp::PublishError;
 pub struct RelayStats {
     /// Messages handed to the broker (publish frames sent).
     pub published: AtomicU64,
+    /// Of the rows the relay took, those its process's writers handed over
+    /// (`Handoff`); the rest were claimed by a query.
+    pub handed: AtomicU64,
     /// Acked without a return: the rows marked published.
     pub confirmed: AtomicU64,
     pub nacked: AtomicU64,
@@ -21,6 +24,11 @@ pub struct RelayStats {
 impl RelayStats {
     pub fn count_published(&self, n: usize) {
         self.published
+            .fetch_add(u64::try_from(n).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    pub fn count_handed(&self, n: usize) {
+        self.handed
             .fetch_add(u64::try_from(n).unwrap_or(u64::MAX), Ordering::Relaxed);
     }
 

@@ -23,11 +23,14 @@ use uuid::Uuid;
 use super::{
     StoreError,
     orders::{self, ChangeOrderError, OrderRow},
-    outbox::EventColumns,
+    outbox::{EventColumns, OutboxRow},
     prepared::prepared_sql,
     schema::orders as orders_table,
 };
-use crate::domain::{CancelError, EventId, EventRecord, Order, OrderId};
+use crate::{
+    domain::{CancelError, EventId, EventRecord, Order, OrderId},
+    outbox::Handoff,
+};
 
 /// One cancel asked for, with the request id kept as the event's correlation.
 #[derive(Debug, Clone)]
@@ -44,10 +47,15 @@ pub type CancelOutcome = Result<(Order, EventId), ChangeOrderError<CancelError>>
 /// order. An `Err` means the batch's read or write failed (a broken
 /// connection, when the write's outcome is unknown, as it is for a single
 /// cancel): each request must be answered with that error.
+///
+/// The batch's committed events go to `handoff`, the relay of this process
+/// that publishes them, when there is one; otherwise the process's relays
+/// are woken to claim them.
 pub async fn cancel_many(
     conn: &mut AsyncPgConnection,
     requests: &[CancelRequest],
     now: DateTime<Utc>,
+    handoff: Option<&Handoff>,
 ) -> Result<Vec<CancelOutcome>, StoreError> {
     let mut current = read_many(conn, requests).await?;
     let mut outcomes: Vec<Option<CancelOutcome>> = Vec::with_capacity(requests.len());
@@ -84,10 +92,16 @@ pub async fn cancel_many(
             }
         }
     }
-    let written = write_many(conn, requests, &writes).await?;
-    if !written.is_empty() {
+    let mut events = write_many(conn, requests, &writes).await?;
+    // Ids are drawn in the batch's order: the relay publishes in id order.
+    events.sort_unstable_by_key(|row| row.id);
+    let written: HashSet<Uuid> = events.iter().map(|row| row.event_id).collect();
+    if !events.is_empty() {
         // One statement, committed by now.
-        crate::outbox::wake::rows_committed(crate::domain::Publisher::Orders);
+        match handoff {
+            Some(handoff) => handoff.hand(events),
+            None => crate::outbox::wake::rows_committed(crate::domain::Publisher::Orders),
+        }
     }
     for change in writes {
         let event_id = change.record.event_id;
@@ -141,23 +155,18 @@ async fn read_many(
         .map_err(StoreError::Query)
 }
 
-#[derive(QueryableByName)]
-struct Written {
-    #[diesel(sql_type = SqlUuid)]
-    event_id: Uuid,
-}
-
 /// Writes every change whose order is still at the version read, with its
-/// event, in one statement; returns the event ids written. The statement's
+/// event, in one statement; returns the events written, as the relay
+/// publishes them, in the batch's order. The statement's
 /// text never changes with the batch's size (arrays, not a VALUES list), so
 /// it is prepared once per connection.
 async fn write_many(
     conn: &mut AsyncPgConnection,
     requests: &[CancelRequest],
     changes: &[Change],
-) -> Result<HashSet<Uuid>, StoreError> {
+) -> Result<Vec<OutboxRow>, StoreError> {
     if changes.is_empty() {
-        return Ok(HashSet::new());
+        return Ok(Vec::new());
     }
     let ids: Vec<Uuid> = changes.iter().map(|c| c.order.id.as_uuid()).collect();
     let states: Vec<&str> = changes.iter().map(|c| c.order.state.as_str()).collect();
@@ -191,7 +200,9 @@ async fn write_many(
                 i.aggregate_version, i.payload, i.correlation_id, i.occurred_at, i.publisher \
          FROM input i JOIN changed c ON c.id = i.id \
          ORDER BY i.n \
-         RETURNING event_id",
+         RETURNING id, event_id, event_type, event_version, aggregate_type, aggregate_id, \
+                   aggregate_version, content_type, payload, correlation_id, occurred_at, \
+                   published_at, attempts, last_error, next_attempt_at",
     )
     .bind::<Array<SqlUuid>, _>(&ids)
     .bind::<Array<Text>, _>(&states)
@@ -199,8 +210,7 @@ async fn write_many(
     .bind::<Array<Timestamptz>, _>(&updated_at)
     .bind::<Array<BigInt>, _>(&read_versions);
     e.bind_onto(statement)
-        .load::<Written>(conn)
+        .load::<OutboxRow>(conn)
         .await
-        .map(|rows| rows.into_iter().map(|w| w.event_id).collect())
         .map_err(StoreError::classify)
 }

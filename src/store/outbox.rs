@@ -24,7 +24,7 @@ use super::{
 use crate::domain::{EventRecord, Publisher};
 
 /// A stored event as the relay publishes it.
-#[derive(Debug, Clone, Queryable, Selectable)]
+#[derive(Debug, Clone, Queryable, QueryableByName, Selectable)]
 #[diesel(table_name = outbox)]
 #[diesel(check_for_backend(diesel::pg::Pg))]
 pub struct OutboxRow {

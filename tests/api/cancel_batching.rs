@@ -34,6 +34,7 @@ async fn cancels_that_arrive_together_commit_together_and_each_gets_its_own_answ
             max: 64,
             in_flight: 1,
         },
+        None,
     );
     let blocker = env.place_order("pay-blocker").await;
     let mut placed = Vec::new();

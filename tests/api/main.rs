@@ -20,6 +20,7 @@ mod privilege;
 mod query_plans;
 mod refund_status;
 mod relay;
+mod relay_handoff;
 mod shipping;
 mod startup;
 mod statements;

@@ -12,7 +12,7 @@ use lapin::{
 
 use crate::helpers::{TestEnv, header_int, header_text, release_row_lock, wait_until};
 
-async fn unbind(env: &TestEnv, queue: &str, exchange: &str, key: &str) {
+pub(crate) async fn unbind(env: &TestEnv, queue: &str, exchange: &str, key: &str) {
     env.channel
         .queue_unbind(
             queue.into(),
@@ -34,8 +34,22 @@ async fn relay_with_work_queues_unbound(env: &TestEnv) -> courier::outbox::Relay
     relay
 }
 
+/// Binds the `refunds` queue to the order events again.
+pub(crate) async fn bind_refunds_again(env: &TestEnv) {
+    env.channel
+        .queue_bind(
+            "refunds".into(),
+            "orders.events".into(),
+            "order.canceled".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
 /// Steps the relay until it publishes one row (failed rows back off first).
-async fn relay_until_one_is_published(relay: &courier::outbox::Relay) {
+pub(crate) async fn relay_until_one_is_published(relay: &courier::outbox::Relay) {
     wait_until(
         "a pending row is published after its backoff",
         Duration::from_secs(10),
@@ -55,7 +69,10 @@ async fn assert_relay_step(relay: &courier::outbox::Relay, published: usize, fai
     assert_eq!(outcome, RelayOutcome::Published { published, failed });
 }
 
-async fn outbox_row(env: &TestEnv, event_id: courier::domain::EventId) -> store::outbox::OutboxRow {
+pub(crate) async fn outbox_row(
+    env: &TestEnv,
+    event_id: courier::domain::EventId,
+) -> store::outbox::OutboxRow {
     let mut conn = env.conn().await;
     store::outbox::find_by_event_id(&mut conn, event_id.as_uuid())
         .await
@@ -149,16 +166,7 @@ async fn unroutable_event_stays_in_outbox() {
     );
 
     // Once a route exists again the same row goes out.
-    env.channel
-        .queue_bind(
-            "refunds".into(),
-            "orders.events".into(),
-            "order.canceled".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    bind_refunds_again(&env).await;
     relay_until_one_is_published(&relay).await;
     assert!(outbox_row(&env, event_id).await.published_at.is_some());
     assert_eq!(env.queue_depth("refunds").await, 1);
