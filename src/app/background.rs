@@ -67,7 +67,7 @@ impl Background {
         // Claims are taken one at a time and marks are short, so two do.
         let mut relay_settings = settings.database.clone();
         relay_settings.pool_size = relay_settings.pool_size.min(2);
-        let relay_db = store::pool(&relay_settings)?;
+        let relay_db = store::relay_pool(&relay_settings)?;
         let mut tasks = JoinSet::new();
         let mut relays = Vec::new();
         let mut handoffs = Vec::new();

@@ -146,7 +146,7 @@ mod tests {
         OutboxRow {
             id,
             event_id: Uuid::now_v7(),
-            event_type: "OrderCanceled".into(),
+            event_type: "order.canceled".into(),
             event_version: 1,
             aggregate_type: "order".into(),
             aggregate_id: "o".into(),
@@ -181,7 +181,7 @@ mod tests {
         let handoff = Handoff::new(Publisher::Orders, 10);
         handoff.hand([row(1)]);
         assert_eq!(handoff.held_ids(), [1]);
-        assert!(handoff.hold(vec![row(1), row(2)]).iter().all(|r| r.id == 2));
+        assert_eq!(ids(&handoff.hold(vec![row(1), row(2)])), [2]);
         let taken = handoff.take(10);
         handoff.release(&ids(&taken));
         assert_eq!(handoff.held_ids(), [2]);

@@ -94,12 +94,12 @@ enum StepKind {
 }
 
 /// A step's hold on its rows: other steps leave them out until it is dropped.
-struct Claim<'a> {
+struct Hold<'a> {
     handoff: &'a Handoff,
     ids: Vec<i64>,
 }
 
-impl Drop for Claim<'_> {
+impl Drop for Hold<'_> {
     fn drop(&mut self) {
         self.handoff.release(&self.ids);
     }
@@ -237,7 +237,7 @@ impl Relay {
         sending: MutexGuard<'_, ()>,
         rows: Vec<outbox::OutboxRow>,
     ) -> Result<RelayOutcome, RelayError> {
-        let _claim = Claim {
+        let _hold = Hold {
             handoff: &self.handoff,
             ids: rows.iter().map(|r| r.id).collect(),
         };

@@ -161,9 +161,30 @@ where
 /// Every pooled session plans each statement afresh on every run (see
 /// `PLAN_FOR_EACH_RUN` below for why).
 pub fn pool(settings: &DatabaseSettings) -> anyhow::Result<DbPool> {
+    pool_with(settings, establish_pooled)
+}
+
+/// The relays' pool: as [`pool`], but its sessions commit without waiting
+/// for the WAL flush (`synchronous_commit = off`). A relay writes only what
+/// it may lose: the mark that a row was published and the note that a
+/// publish failed. A mark lost in a database crash (at most the last few
+/// hundred milliseconds' worth) makes the row pending again, so it is
+/// published once more and the consumers' inboxes absorb the copy, as after
+/// a relay killed between a confirm and its mark; a lost failure note only
+/// makes the row due sooner. Every write that must survive (orders, events,
+/// refunds, inbox rows) commits on the other pools, which wait for the flush,
+/// and a flush also makes every earlier commit durable. What it saves: each
+/// relay step's mark stops holding a relay connection through a WAL flush.
+pub fn relay_pool(settings: &DatabaseSettings) -> anyhow::Result<DbPool> {
+    pool_with(settings, establish_relay_pooled)
+}
+
+type Establish = fn(&str) -> BoxFuture<'_, diesel::ConnectionResult<AsyncPgConnection>>;
+
+fn pool_with(settings: &DatabaseSettings, establish: Establish) -> anyhow::Result<DbPool> {
     let mut config = ManagerConfig::default();
     config.recycling_method = RecyclingMethod::Fast;
-    config.custom_setup = Box::new(establish_pooled);
+    config.custom_setup = Box::new(establish);
     let manager =
         AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(settings.url(), config);
     Pool::builder(manager)
@@ -190,13 +211,29 @@ pub fn pool(settings: &DatabaseSettings) -> anyhow::Result<DbPool> {
 const PLAN_FOR_EACH_RUN: &str = "SET plan_cache_mode = force_custom_plan";
 
 fn establish_pooled(url: &str) -> BoxFuture<'_, diesel::ConnectionResult<AsyncPgConnection>> {
+    establish_with(url, &[PLAN_FOR_EACH_RUN])
+}
+
+/// See [`relay_pool`].
+const COMMIT_WITHOUT_FLUSH: &str = "SET synchronous_commit = off";
+
+fn establish_relay_pooled(url: &str) -> BoxFuture<'_, diesel::ConnectionResult<AsyncPgConnection>> {
+    establish_with(url, &[PLAN_FOR_EACH_RUN, COMMIT_WITHOUT_FLUSH])
+}
+
+fn establish_with<'a>(
+    url: &'a str,
+    session: &'static [&'static str],
+) -> BoxFuture<'a, diesel::ConnectionResult<AsyncPgConnection>> {
     async move {
         let mut conn = AsyncPgConnection::establish(url).await?;
         conn.set_instrumentation(statements::CountStatements::process_wide());
-        diesel::sql_query(PLAN_FOR_EACH_RUN)
-            .execute(&mut conn)
-            .await
-            .map_err(ConnectionError::CouldntSetupConfiguration)?;
+        for setting in session {
+            diesel::sql_query(*setting)
+                .execute(&mut conn)
+                .await
+                .map_err(ConnectionError::CouldntSetupConfiguration)?;
+        }
         Ok(conn)
     }
     .boxed()

@@ -413,3 +413,29 @@ async fn a_relay_step_publishes_its_rows_in_id_order() -> anyhow::Result<()> {
     assert_eq!(received, expected);
     Ok(())
 }
+
+/// A relay's writes (marks, failure notes) may be lost in a database crash
+/// at the price of a duplicate publish, so its sessions do not wait for the
+/// WAL flush; every other pool's do.
+#[tokio::test]
+async fn only_the_relays_pool_commits_without_waiting_for_the_wal_flush() -> anyhow::Result<()> {
+    #[derive(diesel::QueryableByName)]
+    struct Setting {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        synchronous_commit: String,
+    }
+    async fn setting_of(pool: &store::DbPool) -> anyhow::Result<String> {
+        use diesel_async::RunQueryDsl;
+        let mut conn = pool.get().await?;
+        let row: Setting = diesel::sql_query("SHOW synchronous_commit")
+            .get_result(&mut conn)
+            .await?;
+        Ok(row.synchronous_commit)
+    }
+    let env = TestEnv::new().await;
+    let relays = store::relay_pool(&env.settings.database)?;
+    let others = store::pool(&env.settings.database)?;
+    assert_eq!(setting_of(&relays).await?, "off");
+    assert_eq!(setting_of(&others).await?, "on");
+    Ok(())
+}
