@@ -17,7 +17,7 @@ use crate::{
     consume::{ConsumerStats, Worker, WorkerConfig, WorkerError, WorkerStats},
     domain::Publisher,
     handlers::HandlerDeps,
-    outbox::{Handoff, Relay, RelayError, RelayStats},
+    outbox::{Handoff, Relay, RelayError},
     registry::{self, Process},
     shutdown::Shutdown,
     store::{self, DbPool},
@@ -31,8 +31,7 @@ pub struct Background {
     process: Process,
     tasks: JoinSet<Option<Refused>>,
     stats: ConsumerStats,
-    relays: Vec<(Publisher, Arc<RelayStats>)>,
-    handoffs: Vec<Arc<Handoff>>,
+    relays: Vec<Arc<Relay>>,
     broker: BrokerPool,
 }
 
@@ -70,7 +69,6 @@ impl Background {
         let relay_db = store::relay_pool(&relay_settings)?;
         let mut tasks = JoinSet::new();
         let mut relays = Vec::new();
-        let mut handoffs = Vec::new();
         for publisher in Publisher::ALL
             .into_iter()
             .filter(|p| registry::relayed_by(*p) == process)
@@ -83,8 +81,7 @@ impl Background {
                 settings.relay.clone(),
                 app_id(process),
             ));
-            relays.push((publisher, relay.stats()));
-            handoffs.push(relay.handoff());
+            relays.push(relay.clone());
             let run = relay.run(shutdown.clone());
             tasks.spawn(watched(refused.clone(), async move {
                 match run.await {
@@ -128,7 +125,6 @@ impl Background {
                 tasks,
                 stats,
                 relays,
-                handoffs,
                 broker,
             },
             shutdown,
@@ -138,10 +134,10 @@ impl Background {
     /// Where this process's writers hand over `publisher`'s rows, if this
     /// process relays them.
     pub fn handoff(&self, publisher: Publisher) -> Option<Arc<Handoff>> {
-        self.handoffs
+        self.relays
             .iter()
-            .find(|h| h.publisher() == publisher)
-            .cloned()
+            .find(|relay| relay.source() == publisher)
+            .map(|relay| relay.handoff())
     }
 
     /// The workers' counters, by worker name.
@@ -157,7 +153,10 @@ impl Background {
         gauges: Vec<crate::observe::metrics::ServiceGauge>,
     ) -> axum::Router {
         crate::observe::routes(
-            self.relays.clone(),
+            self.relays
+                .iter()
+                .map(|relay| (relay.source(), relay.stats()))
+                .collect(),
             self.stats.clone(),
             gauges,
             self.broker.clone(),

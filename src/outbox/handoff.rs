@@ -53,11 +53,6 @@ impl Handoff {
         }
     }
 
-    /// Whose rows this hand-off takes.
-    pub fn publisher(&self) -> Publisher {
-        self.publisher
-    }
-
     /// Hands over rows of this publisher that were just committed, in the
     /// order they are to be published. Call it after the commit. A row that
     /// a step already holds is skipped (a claim found it first); rows beyond

@@ -84,6 +84,11 @@ pub struct Relay {
     stats: Arc<RelayStats>,
 }
 
+/// The most rows one step publishes.
+fn batch_rows(settings: &RelaySettings) -> usize {
+    usize::try_from(settings.batch_size).unwrap_or(1)
+}
+
 /// Where a step's rows come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum StepKind {
@@ -137,9 +142,7 @@ impl Relay {
             sending: Mutex::new(()),
             handoff: Arc::new(Handoff::new(
                 publisher,
-                usize::try_from(settings.batch_size)
-                    .unwrap_or(1)
-                    .saturating_mul(settings.steps_in_flight),
+                batch_rows(&settings).saturating_mul(settings.steps_in_flight),
             )),
             settings,
             stats: Arc::default(),
@@ -150,6 +153,11 @@ impl Relay {
     /// right after their commit.
     pub fn handoff(&self) -> Arc<Handoff> {
         self.handoff.clone()
+    }
+
+    /// Whose rows this relay publishes.
+    pub fn source(&self) -> Publisher {
+        self.source
     }
 
     /// What this relay did so far, for `/metrics`.
@@ -225,8 +233,7 @@ impl Relay {
     /// without a claim query.
     pub async fn relay_handed_once(&self) -> Result<RelayOutcome, RelayError> {
         let sending = self.sending.lock().await;
-        let max = usize::try_from(self.settings.batch_size).unwrap_or(1);
-        let rows = self.handoff.take(max);
+        let rows = self.handoff.take(batch_rows(&self.settings));
         self.stats.count_handed(rows.len());
         self.publish(sending, rows).await
     }

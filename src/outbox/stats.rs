@@ -23,13 +23,11 @@ pub struct RelayStats {
 
 impl RelayStats {
     pub fn count_published(&self, n: usize) {
-        self.published
-            .fetch_add(u64::try_from(n).unwrap_or(u64::MAX), Ordering::Relaxed);
+        add(&self.published, n);
     }
 
     pub fn count_handed(&self, n: usize) {
-        self.handed
-            .fetch_add(u64::try_from(n).unwrap_or(u64::MAX), Ordering::Relaxed);
+        add(&self.handed, n);
     }
 
     /// Counts one publish's answer.
@@ -50,4 +48,8 @@ impl RelayStats {
     pub fn reconnects(&self) -> u64 {
         self.channel_opens.load(Ordering::Relaxed).saturating_sub(1)
     }
+}
+
+fn add(counter: &AtomicU64, n: usize) {
+    counter.fetch_add(u64::try_from(n).unwrap_or(u64::MAX), Ordering::Relaxed);
 }
