@@ -56,9 +56,10 @@ impl Handoff {
     /// Hands over rows of this publisher that were just committed, in the
     /// order they are to be published. Call it after the commit. A row that
     /// a step already holds is skipped (a claim found it first); rows beyond
-    /// the capacity are left to the relay's claims, which are woken for them.
-    pub fn hand(&self, rows: impl IntoIterator<Item = OutboxRow>) {
-        let mut left_over = false;
+    /// the capacity are left to the relay's claims, which are woken for them;
+    /// returns how many were left so.
+    pub fn hand(&self, rows: impl IntoIterator<Item = OutboxRow>) -> usize {
+        let mut left_over = 0;
         let mut taken = false;
         {
             let mut state = self.lock();
@@ -67,7 +68,7 @@ impl Handoff {
                     continue;
                 }
                 if state.waiting.len() >= self.capacity {
-                    left_over = true;
+                    left_over += 1;
                     continue;
                 }
                 state.held.insert(row.id);
@@ -79,9 +80,10 @@ impl Handoff {
             self.handed
                 .send_modify(|count| *count = count.wrapping_add(1));
         }
-        if left_over {
+        if left_over > 0 {
             wake::rows_committed(self.publisher);
         }
+        left_over
     }
 
     /// What the relay waits on for handed rows.
@@ -195,7 +197,7 @@ mod tests {
         let handoff = Handoff::new(Publisher::Orders, 2);
         let mut woken = wake::subscribe(Publisher::Orders);
         woken.mark_unchanged();
-        handoff.hand([row(1), row(2), row(3)]);
+        assert_eq!(handoff.hand([row(1), row(2), row(3)]), 1);
         assert_eq!(ids(&handoff.take(10)), [1, 2]);
         assert!(!handoff.held_ids().contains(&3));
         assert_eq!(woken.has_changed().ok(), Some(true));

@@ -99,7 +99,10 @@ pub async fn cancel_many(
     if !events.is_empty() {
         // One statement, committed by now.
         match handoff {
-            Some(handoff) => handoff.hand(events),
+            // What it leaves over, the claims it wakes will find.
+            Some(handoff) => {
+                handoff.hand(events);
+            }
             None => crate::outbox::wake::rows_committed(crate::domain::Publisher::Orders),
         }
     }
