@@ -57,7 +57,7 @@ impl Handoff {
     /// order they are to be published. Call it after the commit. A row that
     /// a step already holds is skipped (a claim found it first); rows beyond
     /// the capacity are left to the relay's claims, which are woken for them;
-    /// returns how many were left so.
+    /// returns how many it left to them.
     pub fn hand(&self, rows: impl IntoIterator<Item = OutboxRow>) -> usize {
         let mut left_over = 0;
         let mut taken = false;

@@ -99,7 +99,7 @@ pub async fn cancel_many(
     if !events.is_empty() {
         // One statement, committed by now.
         match handoff {
-            // What it leaves over, the claims it wakes will find.
+            // The claims it wakes find the rows it leaves over.
             Some(handoff) => {
                 handoff.hand(events);
             }
