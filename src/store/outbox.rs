@@ -46,18 +46,19 @@ pub struct OutboxRow {
 }
 
 /// `publisher`'s oldest pending rows that are due, in id order, leaving out
-/// the rows `in_flight` (claimed by a relay step that has not finished).
+/// the rows `held` (by a relay step that has not finished, or waiting in the
+/// relay's hand-off).
 pub async fn due(
     conn: &mut AsyncPgConnection,
     publisher: Publisher,
     limit: i64,
-    in_flight: &[i64],
+    held: &[i64],
 ) -> Result<Vec<OutboxRow>, StoreError> {
     outbox::table
         .filter(outbox::published_at.is_null())
         .filter(outbox::publisher.eq(publisher.as_str()))
         .filter(outbox::next_attempt_at.le(diesel::dsl::now))
-        .filter(outbox::id.ne_all(in_flight))
+        .filter(outbox::id.ne_all(held))
         .order(outbox::id)
         .limit(limit)
         .select(OutboxRow::as_select())
