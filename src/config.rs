@@ -219,6 +219,11 @@ pub struct ConsumerSettings {
     /// and form the next batch, so batches grow with the load.
     #[serde(default = "default_consumer_batches_in_flight")]
     pub batches_in_flight: usize,
+    /// How long a background worker's batch (registry's
+    /// [`Pace::Gathered`](crate::registry::Pace::Gathered)) waits after its
+    /// first delivery for more to join it; zero takes only what has arrived.
+    #[serde(default, with = "humantime_serde")]
+    pub background_linger: Duration,
     pub max_body_bytes: usize,
     #[serde(with = "humantime_serde")]
     pub handler_timeout: Duration,
@@ -423,6 +428,12 @@ impl Settings {
         if self.consumer.batches_in_flight == 0 {
             return invalid("consumer.batches_in_flight", "must be at least 1");
         }
+        if self.consumer.background_linger >= self.consumer.handler_timeout {
+            return invalid(
+                "consumer.background_linger",
+                "must be shorter than consumer.handler_timeout (a batch waits this long before its handler starts)",
+            );
+        }
         if !(0.0..=1.0).contains(&self.gateway_simulator.transient_error_rate) {
             return invalid(
                 "gateway_simulator.transient_error_rate",
@@ -580,6 +591,20 @@ mod tests {
                 "{key}: {error:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_background_linger_as_long_as_the_handler_timeout_is_invalid() {
+        let figment = defaults()
+            .merge(Serialized::default("consumer.handler_timeout", "30s"))
+            .merge(Serialized::default("consumer.background_linger", "30s"));
+        let error = Settings::from_figment(figment).err().map(|e| e.to_string());
+        assert!(
+            error
+                .as_deref()
+                .is_some_and(|e| e.contains("consumer.background_linger")),
+            "{error:?}"
+        );
     }
 
     #[test]

@@ -34,6 +34,19 @@ pub enum Process {
     Consumer,
 }
 
+/// Whether a worker's batch starts with what has arrived or waits for company.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pace {
+    /// Someone waits on the effect (money moves): a batch starts with the
+    /// deliveries that have already arrived and never waits for more.
+    AtOnce,
+    /// No one waits on the effect to the millisecond: a batch waits up to
+    /// `consumer.background_linger` after its first delivery for more, so
+    /// fewer commits carry the same work and leave the CPU to the
+    /// [`Pace::AtOnce`] workers.
+    Gathered,
+}
+
 /// Builds a worker's handler from what the process has.
 pub type BuildHandler = fn(&HandlerDeps<'_>) -> anyhow::Result<BoxedHandler>;
 
@@ -49,6 +62,7 @@ pub struct WorkerEntry {
     /// The event types it handles, which are its binding keys.
     pub routing_keys: &'static [&'static str],
     pub runs_in: Process,
+    pub pace: Pace,
     pub build: BuildHandler,
 }
 
@@ -59,6 +73,7 @@ impl std::fmt::Debug for WorkerEntry {
             .field("source", &self.source)
             .field("routing_keys", &self.routing_keys)
             .field("runs_in", &self.runs_in)
+            .field("pace", &self.pace)
             .finish_non_exhaustive()
     }
 }
@@ -70,6 +85,7 @@ pub const WORKERS: &[WorkerEntry] = &[
         source: Publisher::Orders,
         routing_keys: &[OrderCanceled::TYPE],
         runs_in: Process::Consumer,
+        pace: Pace::AtOnce,
         build: |deps| {
             let gateway = GatewayClient::new(&deps.settings.gateway)?;
             Ok(BoxedHandler::new(RefundHandler::new(
@@ -83,6 +99,7 @@ pub const WORKERS: &[WorkerEntry] = &[
         source: Publisher::Orders,
         routing_keys: &[OrderCanceled::TYPE],
         runs_in: Process::Consumer,
+        pace: Pace::Gathered,
         build: |deps| {
             let sender = Sender::from_settings(&deps.settings.notifications)?;
             Ok(BoxedHandler::new(NotificationHandler::new(
@@ -96,6 +113,7 @@ pub const WORKERS: &[WorkerEntry] = &[
         source: Publisher::Orders,
         routing_keys: &[ShippingInfoChanged::TYPE],
         runs_in: Process::Consumer,
+        pace: Pace::Gathered,
         build: |deps| {
             let handler = RecordingHandler::<ShippingSync>::new(deps.db.clone());
             Ok(BoxedHandler::new(handler))
@@ -106,6 +124,7 @@ pub const WORKERS: &[WorkerEntry] = &[
         source: Publisher::Refunds,
         routing_keys: &[RefundCompleted::TYPE, RefundFailed::TYPE],
         runs_in: Process::Producer,
+        pace: Pace::Gathered,
         build: |deps| {
             let handler = RecordingHandler::<RefundStatusRecording>::new(deps.db.clone());
             Ok(BoxedHandler::new(handler))
@@ -175,6 +194,16 @@ mod tests {
     use std::collections::HashSet;
 
     use super::*;
+
+    #[test]
+    fn only_the_refunds_worker_takes_its_batches_at_once() {
+        let at_once: Vec<&str> = WORKERS
+            .iter()
+            .filter(|w| w.pace == Pace::AtOnce)
+            .map(|w| w.name)
+            .collect();
+        assert_eq!(at_once, [refund::NAME]);
+    }
 
     #[test]
     fn worker_names_are_unique() {

@@ -7,7 +7,7 @@
 //! misconfigured as a whole: every task is stopped and the process exits
 //! with a configuration error instead of running half its duties.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use tokio::{sync::mpsc, task::JoinSet};
 
@@ -18,7 +18,7 @@ use crate::{
     domain::Publisher,
     handlers::HandlerDeps,
     outbox::{Handoff, Relay, RelayError},
-    registry::{self, Process},
+    registry::{self, Pace, Process},
     shutdown::Shutdown,
     store::{self, DbPool},
 };
@@ -102,6 +102,10 @@ impl Background {
                 queues,
                 topology: topology.clone(),
                 settings: settings.consumer.clone(),
+                linger: match entry.pace {
+                    Pace::AtOnce => Duration::ZERO,
+                    Pace::Gathered => settings.consumer.background_linger,
+                },
                 publish_timeout: settings.relay.confirm_timeout,
                 shutdown_deadline: settings.shutdown.deadline,
             };

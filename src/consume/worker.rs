@@ -11,7 +11,7 @@
 use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use chrono::Utc;
-use futures_util::{FutureExt, StreamExt, future::join_all};
+use futures_util::{FutureExt, Stream, StreamExt, future::join_all};
 use lapin::{
     Channel,
     message::Delivery,
@@ -55,6 +55,9 @@ pub struct WorkerConfig {
     /// definitions gets them back before we consume.
     pub topology: Topology,
     pub settings: ConsumerSettings,
+    /// How long a batch waits after its first delivery for more to join it
+    /// (zero for a [`Pace::AtOnce`](crate::registry::Pace::AtOnce) worker).
+    pub linger: Duration,
     pub publish_timeout: Duration,
     pub shutdown_deadline: Duration,
 }
@@ -239,6 +242,7 @@ impl<H: Handler> Worker<H> {
         let permits = Arc::new(Semaphore::new(self.config.settings.concurrency));
         let batch_size = self.config.settings.batch_size;
         let batches_in_flight = self.config.settings.batches_in_flight;
+        let linger = self.config.linger;
         let mut in_flight = JoinSet::new();
         let ended = loop {
             tokio::select! {
@@ -262,12 +266,14 @@ impl<H: Handler> Worker<H> {
                         let mut permit = permits.clone().try_acquire_owned()?;
                         let mut batch = vec![delivery];
                         // Whatever else has already arrived joins this batch,
-                        // so a busy queue shares commits and a quiet one
-                        // never waits for company.
+                        // so a busy queue shares commits. A quiet one waits
+                        // for company only for the linger, which is zero
+                        // where someone waits on the effect.
+                        let gathered_until = tokio::time::Instant::now() + linger;
                         let mut stream_end = None;
                         while batch.len() < batch_size {
                             let Ok(more) = permits.clone().try_acquire_owned() else { break };
-                            match consumer.next().now_or_never() {
+                            match next_by(&mut consumer, linger, gathered_until, shutdown).await {
                                 Some(Some(Ok(delivery))) => {
                                     permit.merge(more);
                                     batch.push(delivery);
@@ -308,6 +314,26 @@ impl<H: Handler> Worker<H> {
         close(&channel).await;
         close(shared.publisher.channel()).await;
         ended
+    }
+}
+
+/// The next delivery if one has arrived, or arrives before `until` when the
+/// worker lingers; `None` once that is past, or at shutdown.
+async fn next_by<S: Stream + Unpin>(
+    consumer: &mut S,
+    linger: Duration,
+    until: tokio::time::Instant,
+    shutdown: &Shutdown,
+) -> Option<Option<S::Item>> {
+    if linger.is_zero() {
+        return consumer.next().now_or_never();
+    }
+    // A timeout polls its future before its deadline, so a linger that is
+    // over still takes what has already arrived.
+    tokio::select! {
+        biased;
+        () = shutdown.wait() => None,
+        next = tokio::time::timeout_at(until, consumer.next()) => next.ok(),
     }
 }
 

@@ -8,7 +8,7 @@ use figment::providers::Serialized;
 use lapin::BasicProperties;
 
 use crate::helpers::{
-    TestEnv, consumer_stats, event_for, publish_event_into, release_row_lock, wait_until,
+    Service, TestEnv, consumer_stats, event_for, publish_event_into, release_row_lock, wait_until,
 };
 
 const SETTLE: Duration = Duration::from_secs(30);
@@ -189,4 +189,96 @@ async fn deliveries_that_arrive_while_the_batches_run_form_the_next_batch_togeth
         "the five later deliveries should share one batch: {refunds:?}"
     );
     consumer.stop().await
+}
+
+/// Longer than the tests below wait for what must happen before it.
+const LONG_LINGER: &str = "25s";
+
+/// A consumer whose background workers linger [`LONG_LINGER`], and one
+/// canceled order: its refund is made at once (well within the linger, so a
+/// refunds batch that waited for company fails here) while its notification
+/// is held, waiting for company.
+async fn a_notification_waiting_for_company(batch_size: usize) -> (TestEnv, Service) {
+    let env = TestEnv::with(|f| {
+        f.merge(Serialized::default("consumer.batch_size", batch_size))
+            .merge(Serialized::default(
+                "consumer.background_linger",
+                LONG_LINGER,
+            ))
+    })
+    .await;
+    let consumer = env.start_consumer().await;
+    env.cancel_new_order("pay-linger-first").await;
+    relay_all(&env).await;
+    wait_until("the first refund is made at once", SETTLE / 2, async || {
+        env.count("SELECT count(*) FROM refunds").await == 1
+    })
+    .await;
+    wait_until(
+        "the notifications worker holds the first delivery",
+        SETTLE / 2,
+        async || env.queue_depth("notifications").await == 0,
+    )
+    .await;
+    let waiting = consumer_stats(&consumer).await;
+    assert_eq!(
+        waiting["notifications"].handled, 0,
+        "the first notification should wait for company: {waiting:?}"
+    );
+    (env, consumer)
+}
+
+/// The refunds worker starts every batch at once, with what has arrived; the
+/// notifications worker, whose effect no one waits on to the millisecond,
+/// holds its first delivery for up to `consumer.background_linger` and takes
+/// what arrives meanwhile into the same batch.
+#[tokio::test]
+async fn a_background_worker_waits_for_company_and_the_refunds_worker_does_not()
+-> anyhow::Result<()> {
+    let (env, consumer) = a_notification_waiting_for_company(2).await;
+    env.cancel_new_order("pay-linger-second").await;
+    relay_all(&env).await;
+    wait_until(
+        "both orders are refunded and notified",
+        SETTLE,
+        async || {
+            let stats = consumer_stats(&consumer).await;
+            stats["refunds"].handled == 2 && stats["notifications"].handled == 2
+        },
+    )
+    .await;
+    let stats = consumer_stats(&consumer).await;
+    assert_eq!(
+        (stats["refunds"].batches, stats["refunds"].largest_batch),
+        (2, 1),
+        "each refund in its own batch: {stats:?}"
+    );
+    assert_eq!(
+        (
+            stats["notifications"].batches,
+            stats["notifications"].largest_batch
+        ),
+        (1, 2),
+        "both notifications in one batch: {stats:?}"
+    );
+    consumer.stop().await
+}
+
+/// A shutdown ends the linger: the delivery that waited is handled and acked
+/// before the worker stops, long before the linger would have run out.
+#[tokio::test]
+async fn a_lingering_batch_is_handled_at_shutdown_without_waiting_out_its_linger()
+-> anyhow::Result<()> {
+    let (env, consumer) = a_notification_waiting_for_company(32).await;
+    tokio::time::timeout(SETTLE / 3, consumer.stop())
+        .await
+        .map_err(|_| anyhow::anyhow!("the stop waited for the linger"))??;
+    assert_eq!(
+        env.count("SELECT count(*) FROM processed_messages WHERE consumer = 'notifications'")
+            .await,
+        1,
+        "the waiting notification is handled before the worker stops"
+    );
+    assert_eq!(env.queue_depth("notifications").await, 0, "and acked");
+    Ok(())
 }
