@@ -1,7 +1,8 @@
 //! The registry: one entry per worker, the one place that says what it is.
 //! Its name (which is also its queue's and its inbox key), the publisher
 //! whose exchange feeds it, the event types it is bound to, how its handler
-//! is built, and which process runs it. The topology
+//! is built, which process runs it, and whether its batches wait for company
+//! ([`Pace`]). The topology
 //! (queues, bindings, grants), the check of `consumer.workers` and the
 //! processes all read it, so adding a consumer is its handler's file and one
 //! entry here.

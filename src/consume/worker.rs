@@ -223,6 +223,7 @@ impl<H: Handler> Worker<H> {
             worker = self.config.queues.work(),
             prefetch = self.config.settings.prefetch,
             concurrency = self.config.settings.concurrency,
+            linger = ?self.config.linger,
             "consuming"
         );
 
