@@ -518,6 +518,15 @@ mod tests {
         )
     }
 
+    /// Asserts that `figment` is refused with an error naming `key`.
+    fn assert_refused_naming(figment: Figment, key: &str) {
+        let error = Settings::from_figment(figment).err().map(|e| e.to_string());
+        assert!(
+            error.as_deref().is_some_and(|e| e.contains(key)),
+            "{key}: {error:?}"
+        );
+    }
+
     #[test]
     fn default_config_is_valid() {
         assert!(Settings::from_figment(defaults()).is_ok());
@@ -526,13 +535,7 @@ mod tests {
     #[test]
     fn a_bad_value_names_its_key() {
         let figment = defaults().merge(Serialized::default("database.port", "not-a-port"));
-        let error = Settings::from_figment(figment).err().map(|e| e.to_string());
-        assert!(
-            error
-                .as_deref()
-                .is_some_and(|e| e.contains("database.port")),
-            "{error:?}"
-        );
+        assert_refused_naming(figment, "database.port");
     }
 
     #[test]
@@ -541,13 +544,7 @@ mod tests {
             "gateway_simulator.transient_error_rate",
             1.5,
         ));
-        let error = Settings::from_figment(figment).err().map(|e| e.to_string());
-        assert!(
-            error
-                .as_deref()
-                .is_some_and(|e| e.contains("gateway_simulator.transient_error_rate")),
-            "{error:?}"
-        );
+        assert_refused_naming(figment, "gateway_simulator.transient_error_rate");
     }
 
     #[test]
@@ -566,11 +563,7 @@ mod tests {
                 zero("http.max_connections", 0.into()),
             ),
         ] {
-            let error = Settings::from_figment(figment).err().map(|e| e.to_string());
-            assert!(
-                error.as_deref().is_some_and(|e| e.contains(key)),
-                "{key}: {error:?}"
-            );
+            assert_refused_naming(figment, key);
         }
     }
 
@@ -585,11 +578,7 @@ mod tests {
             "consumer.batches_in_flight",
         ] {
             let figment = defaults().merge(Serialized::default(key, 0));
-            let error = Settings::from_figment(figment).err().map(|e| e.to_string());
-            assert!(
-                error.as_deref().is_some_and(|e| e.contains(key)),
-                "{key}: {error:?}"
-            );
+            assert_refused_naming(figment, key);
         }
     }
 
@@ -598,13 +587,7 @@ mod tests {
         let figment = defaults()
             .merge(Serialized::default("consumer.handler_timeout", "30s"))
             .merge(Serialized::default("consumer.background_linger", "30s"));
-        let error = Settings::from_figment(figment).err().map(|e| e.to_string());
-        assert!(
-            error
-                .as_deref()
-                .is_some_and(|e| e.contains("consumer.background_linger")),
-            "{error:?}"
-        );
+        assert_refused_naming(figment, "consumer.background_linger");
     }
 
     #[test]

@@ -270,11 +270,12 @@ impl<H: Handler> Worker<H> {
                         // so a busy queue shares commits. A quiet one waits
                         // for company only for the linger, which is zero
                         // where someone waits on the effect.
-                        let gathered_until = tokio::time::Instant::now() + linger;
+                        let gathered_until =
+                            (!linger.is_zero()).then(|| tokio::time::Instant::now() + linger);
                         let mut stream_end = None;
                         while batch.len() < batch_size {
                             let Ok(more) = permits.clone().try_acquire_owned() else { break };
-                            match next_by(&mut consumer, linger, gathered_until, shutdown).await {
+                            match next_by(&mut consumer, gathered_until, shutdown).await {
                                 Some(Some(Ok(delivery))) => {
                                     permit.merge(more);
                                     batch.push(delivery);
@@ -319,16 +320,15 @@ impl<H: Handler> Worker<H> {
 }
 
 /// The next delivery if one has arrived, or arrives before `until` when the
-/// worker lingers; `None` once that is past, or at shutdown.
+/// worker lingers (`Some`); `None` once that is past, or at shutdown.
 async fn next_by<S: Stream + Unpin>(
     consumer: &mut S,
-    linger: Duration,
-    until: tokio::time::Instant,
+    until: Option<tokio::time::Instant>,
     shutdown: &Shutdown,
 ) -> Option<Option<S::Item>> {
-    if linger.is_zero() {
+    let Some(until) = until else {
         return consumer.next().now_or_never();
-    }
+    };
     // A timeout polls its future before its deadline, so a linger that is
     // over still takes what has already arrived.
     tokio::select! {
